@@ -1,0 +1,200 @@
+"""Checkpoints that resume exactly and are never torn.
+
+A checkpoint folder `checkpoints/step-000010/` holds the trainable weights (safetensors), the
+optimizer and scheduler states, every RNG state, the trainer's position in the data and the
+config. It is written under a temporary name and renamed when complete, so `resume=latest`
+only ever sees finished checkpoints. Everything loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prefopt.errors import PrefoptError
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "step-"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; enough to continue exactly.
+
+    Attributes:
+        step: Optimizer steps done.
+        epoch: Current epoch (0-based).
+        batch_in_epoch: Effective batches of `epoch` already consumed.
+        best_metric: Best early-stopping metric so far.
+        bad_evals: Evaluations without improvement.
+        skipped_steps: Steps skipped for non-finite values.
+        tokens_seen: Non-pad tokens processed.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    bad_evals: int = 0
+    skipped_steps: int = 0
+    tokens_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (all weights for full fine-tune, adapters for LoRA)."""
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain tensors/lists/numbers only, so the file loads with weights_only=True.
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [
+            name,
+            torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            pos,
+            has_gauss,
+            cached,
+        ],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+    config_yaml: str,
+    *,
+    keep: int,
+) -> Path:
+    """Write a complete checkpoint atomically and prune old ones; returns its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    _check_free_space(root, model)
+    final = root / f"{_PREFIX}{state.step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PrefoptError(f"could not write checkpoint {final}: {exc}") from None
+    _prune(root, keep)
+    logger.info("checkpoint saved: %s", final)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _check_free_space(root: Path, model: nn.Module) -> None:
+    """Refuse to start a checkpoint that cannot fit (weights + ~2× for Adam moments)."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * 3
+    free = shutil.disk_usage(root).free
+    if free < need * 1.1:
+        raise PrefoptError(
+            f"not enough disk space for a checkpoint in {root}: {free / 1e9:.2f} GB free, "
+            f"~{need / 1e9:.2f} GB needed"
+        )
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints in `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and _complete(p)]
+    return sorted(done, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def _complete(path: Path) -> bool:
+    names = (
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "trainer_state.json",
+    )
+    return all((path / n).is_file() for n in names)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(root: Path, resume: str) -> Path:
+    """The checkpoint folder named by `resume` ("latest" or a path)."""
+    if resume == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            raise PrefoptError(f"resume=latest: no complete checkpoint in {root}")
+        return found[-1]
+    path = Path(resume)
+    if not _complete(path):
+        raise PrefoptError(f"resume={resume}: not a complete prefopt checkpoint folder")
+    return path
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or any(n not in params for n in weights):
+        raise PrefoptError(f"checkpoint {path} does not match the model (e.g. {missing[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    logger.info("resumed from %s (step %d)", path, state.step)
+    return state

@@ -1,0 +1,98 @@
+"""`prefopt` command line: `prefopt train CONFIG.yaml key=value ...`.
+
+Errors a user can cause print as one clear line (no traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from prefopt.errors import PrefoptError
+
+logger = logging.getLogger("prefopt")
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "accelerate", "datasets", "peft", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_summary(result: object) -> None:
+    from prefopt.trainer import TrainResult
+
+    assert isinstance(result, TrainResult)
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+    print("\n== prefopt train: done ==")
+    print(f"steps: {result.state.step}  tokens: {result.state.tokens_seen}"
+          + ("  (stopped early)" if result.stopped_early else ""))  # fmt: skip
+    if result.initial_eval and result.final_eval:
+        print(f"{'eval metric':<22}{'before':>10}{'after':>10}")
+        for k in keys:
+            print(f"{k:<22}{result.initial_eval[k]:>10.4f}{result.final_eval[k]:>10.4f}")
+    elif result.last_train:
+        print("last training step: " + ", ".join(
+            f"{k}={result.last_train[k]:.4f}" for k in keys if k in result.last_train))  # fmt: skip
+    print(f"output: {result.output_dir}  (model in {result.output_dir / 'model'})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.config_io import load_config
+    from prefopt.trainer import Interrupted, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg)
+    except Interrupted as exc:
+        print(f"prefopt: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _print_summary(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="preference-tune a model (DPO and family)")
+    p_train.add_argument("config", nargs="?", help="YAML config (defaults apply without one)")
+    p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=0.2")
+    p_train.set_defaults(func=cmd_train)
+    return parser
+
+
+def _split_config(args: argparse.Namespace) -> None:
+    """`prefopt train loss.beta=0.2` (no YAML): the first positional is an override."""
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _split_config(args)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args))
+    except PrefoptError as exc:
+        print(f"prefopt: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("prefopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Typed configuration of a prefopt run.
+
+One dataclass per area, composed in `ExperimentConfig`. A run's config comes from a YAML file
+plus `key=value` overrides (`loss.beta=0.2`), is validated as a whole before any model loads, and
+is saved resolved into the output folder. Loading/override mechanics live in `config_io.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prefopt.bundled import BUNDLED_MODEL
+from prefopt.errors import ConfigError
+from prefopt.loss_registry import LOSSES, get_loss
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = BUNDLED_MODEL
+    """Local folder, Hub id, a .gguf file, or "bundled:smollm2-135m-instruct" (the default)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `name_or_path` (dequantised on load); set automatically for a path
+    ending in .gguf."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from the model's."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype. bf16/fp16 on CPU are refused until validated (see docs)."""
+    attn_implementation: str | None = None
+    """"sdpa", "eager", "flash_attention_2", "flex_attention", or None for transformers' choice."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own Python code to run. Off unless you trust the source."""
+
+
+@dataclass
+class ColumnsConfig:
+    prompt: str = "prompt"
+    """Column holding the prompt."""
+    chosen: str = "chosen"
+    """Column holding the preferred response."""
+    rejected: str = "rejected"
+    """Column holding the dispreferred response."""
+    completion: str = "completion"
+    """Column holding the completion (unpaired/KTO data)."""
+    label: str = "label"
+    """Column holding the desirable/undesirable label (unpaired/KTO data)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/smollm2_chatterbot_vader.jsonl"
+    """Training data: a .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder or a Hub id."""
+    eval: str | None = None
+    """Held-out data in the same forms; if None, `eval_fraction` of train is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of training prompts held out for evaluation when `eval` is not given."""
+    format: str = "auto"
+    """Data format, or "auto" to detect it: standard, conversational, implicit_prompt, hh,
+    ultrafeedback, unpaired."""
+    split: str | None = None
+    """Split to read from a DatasetDict folder or Hub dataset (default: train)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column names."""
+    max_length: int = 512
+    """Max tokens of prompt + response; longer rows are truncated (prompt first, from the left)."""
+    max_prompt_length: int | None = None
+    """Max prompt tokens (None: only `max_length` applies)."""
+    max_pairs: int | None = None
+    """Use only the first N training rows (quick experiments)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad row stops the run ("raise") or is skipped and counted ("skip")."""
+
+
+@dataclass
+class LossConfig:
+    name: str | list[str] = "sigmoid"
+    """Loss name, or a list combined with `weights` (e.g. [sigmoid, sft])."""
+    weights: list[float] | None = None
+    """Weights of a combined loss (default: all 1)."""
+    beta: float = 0.1
+    """β: KL strength (DPO family), reward scale (SimPO), λ (ORPO)."""
+    label_smoothing: float = 0.0
+    """ε, the assumed label-flip rate (sigmoid = cDPO, robust)."""
+    simpo_gamma: float = 1.0
+    """SimPO's target margin γ."""
+    kto_desirable_weight: float = 1.0
+    """KTO's λ_D."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's λ_U."""
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: Literal["auto", "copy", "model", "adapter", "precompute", "none"] = "auto"
+    """auto: adapter with LoRA, copy for full fine-tune, none for reference-free losses.
+    copy: frozen copy of the starting policy. model: a separate checkpoint (`model`).
+    adapter: the LoRA base with adapters disabled. precompute: reference log-probs computed once
+    and cached on disk. none: no reference (reference-free losses only)."""
+    model: str | None = None
+    """Reference checkpoint for strategy "model" (e.g. the SFT model)."""
+    precompute_with: Literal["copy", "model"] = "copy"
+    """Which model computes the precomputed log-probs: the starting policy or `model`."""
+    cache_dir: str | None = None
+    """Where precomputed log-probs are cached (default: ~/.cache/prefopt/ref_logps)."""
+    verify: bool = True
+    """At step 0, check the reference equals the starting policy where it should."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 16
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+    merge_on_save: bool = False
+    """Save the final model with adapters merged into the weights (else the adapter only)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base in 4-bit with bitsandbytes (CUDA only)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    """Peak learning rate (DPO paper: 1e-6 full fine-tune; LoRA wants ~10× more)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """LR decay after warmup."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent warming up linearly (ignored if warmup_steps > 0)."""
+    warmup_steps: int = 0
+    """Warmup steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (None: no clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    """Pairs per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    seed: int = 42
+    """Seed of data order, dropout and initialisation."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (less padding)."""
+    response_only_logits: bool = True
+    """Score only response positions, in chunks (never build [B, T, V] logits)."""
+    logit_chunk_size: int = 1024
+    """Positions per LM-head chunk."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision (accelerate); log-probs always accumulate in float32."""
+    num_threads: int | None = None
+    """CPU threads for torch (None: torch's default)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """Non-finite loss or gradient: stop (keeping the last checkpoint) or skip the step."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at start and end)."""
+    batch_size: int | None = None
+    """Eval micro-batch size (default: train.batch_size)."""
+    early_stopping_metric: str | None = None
+    """Stop when this eval metric (e.g. "rewards/accuracies") stops improving."""
+    early_stopping_mode: Literal["max", "min"] = "max"
+    """Whether larger or smaller is better for the early-stopping metric."""
+    patience: int = 3
+    """Evaluations without improvement before stopping."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"
+    """Output folder: checkpoints, logs, final model, report."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    resume: str | None = None
+    """"latest" or a checkpoint folder to continue from."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Loggers: jsonl (always on), tensorboard, wandb."""
+    overwrite: bool = False
+    """Allow writing into a non-empty output folder without resuming."""
+    progress: bool = True
+    """Show a live progress bar."""
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        """Check values and combinations; raises ConfigError naming the field."""
+        _validate_loss(self.loss)
+        _validate_reference(self)
+        _validate_numbers(self)
+        if self.lora.load_in_4bit and not self.lora.enabled:
+            raise ConfigError("lora.load_in_4bit=true needs lora.enabled=true (QLoRA)")
+
+    def reference_strategy(self) -> str:
+        """The strategy after resolving "auto"."""
+        if self.reference.strategy != "auto":
+            return self.reference.strategy
+        if not any(get_loss(n).needs_reference for n in self.loss.names):
+            return "none"
+        if self.reference.model is not None:
+            return "model"
+        return "adapter" if self.lora.enabled else "copy"
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    names = loss.names
+    if not names:
+        raise ConfigError("loss.name: give at least one loss")
+    for name in names:
+        if name not in LOSSES:
+            from difflib import get_close_matches
+
+            hint = get_close_matches(name, list(LOSSES), n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"loss.name: unknown loss '{name}'{extra}; known: {', '.join(sorted(LOSSES))}"
+            )
+    if len(names) > 1 and any(LOSSES[n].data == "unpaired" for n in names):
+        raise ConfigError("loss.name: 'kto' works on unpaired data and cannot be combined")
+    if loss.weights is not None and len(loss.weights) != len(names):
+        raise ConfigError(f"loss.weights has {len(loss.weights)} values for {len(names)} losses")
+    if loss.beta <= 0:
+        raise ConfigError(f"loss.beta must be > 0, got {loss.beta}")
+    if not 0 <= loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+    smoothing_users = {n for n in names if "label_smoothing" in LOSSES[n].uses}
+    if loss.label_smoothing > 0 and not smoothing_users:
+        raise ConfigError(
+            f"loss.label_smoothing={loss.label_smoothing} has no effect on {names}: "
+            "only 'sigmoid' (cDPO) and 'robust' use it"
+        )
+
+
+def _validate_reference(cfg: ExperimentConfig) -> None:
+    needs = [n for n in cfg.loss.names if LOSSES[n].needs_reference]
+    strategy = cfg.reference.strategy
+    if not needs and strategy not in ("auto", "none"):
+        raise ConfigError(
+            f"reference.strategy={strategy}: the loss {cfg.loss.names} is reference-free; "
+            "remove the reference (reference.strategy=none) or choose a reference-based loss"
+        )
+    if not needs and cfg.reference.model is not None:
+        raise ConfigError(
+            f"reference.model is set but the loss {cfg.loss.names} is reference-free and would "
+            "ignore it; remove reference.model"
+        )
+    if needs and strategy == "none":
+        raise ConfigError(f"reference.strategy=none, but loss {needs} needs a reference model")
+    if strategy == "adapter" and not cfg.lora.enabled:
+        raise ConfigError("reference.strategy=adapter needs lora.enabled=true")
+    if strategy == "model" and not cfg.reference.model:
+        raise ConfigError("reference.strategy=model needs reference.model=PATH")
+    uses_model = strategy == "precompute" and cfg.reference.precompute_with == "model"
+    if uses_model and not cfg.reference.model:
+        raise ConfigError("reference.precompute_with=model needs reference.model=PATH")
+
+
+def _validate_numbers(cfg: ExperimentConfig) -> None:
+    checks: list[tuple[str, bool]] = [
+        ("train.batch_size must be >= 1", cfg.train.batch_size >= 1),
+        ("train.grad_accum must be >= 1", cfg.train.grad_accum >= 1),
+        ("train.epochs must be > 0", cfg.train.epochs > 0),
+        ("train.max_steps must be >= 1", cfg.train.max_steps is None or cfg.train.max_steps >= 1),
+        ("optim.lr must be > 0", cfg.optim.lr > 0),
+        ("optim.warmup_ratio must be in [0, 1)", 0 <= cfg.optim.warmup_ratio < 1),
+        ("data.max_length must be >= 2", cfg.data.max_length >= 2),
+        ("data.eval_fraction must be in [0, 1)", 0 <= cfg.data.eval_fraction < 1),
+        ("lora.r must be >= 1", cfg.lora.r >= 1),
+        ("lora.dropout must be in [0, 1)", 0 <= cfg.lora.dropout < 1),
+        ("eval.patience must be >= 1", cfg.eval.patience >= 1),
+        ("output.keep_checkpoints must be >= 1", cfg.output.keep_checkpoints >= 1),
+    ]
+    for message, ok in checks:
+        if not ok:
+            raise ConfigError(message)
+    mpl = cfg.data.max_prompt_length
+    if mpl is not None and not 1 <= mpl < cfg.data.max_length:
+        raise ConfigError(f"data.max_prompt_length={mpl} must be in [1, data.max_length)")
+    for name in cfg.output.report_to:
+        if name not in ("jsonl", "tensorboard", "wandb"):
+            raise ConfigError(
+                f"output.report_to: unknown logger '{name}' (jsonl, tensorboard, wandb)"
+            )

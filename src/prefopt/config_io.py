@@ -1,0 +1,164 @@
+"""Reading configs from YAML and `key=value` overrides into typed dataclasses.
+
+Every value is checked against its field's type hint, and an unknown key gets a "did you mean"
+hint, so `loss.bta=0.2` fails at once instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from prefopt.config import ExperimentConfig
+from prefopt.errors import ConfigError
+
+T = TypeVar("T")
+
+ALIASES = {"resume": "output.resume", "output_dir": "output.dir", "model": "model.name_or_path"}
+"""Short top-level keys accepted in overrides (`resume=latest`)."""
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Build and validate a config from a YAML file and `key=value` overrides.
+
+    Args:
+        path: YAML file (None: all defaults).
+        overrides: Strings like "loss.beta=0.2"; values are parsed as YAML ("true", "[a, b]").
+
+    Returns:
+        A validated ExperimentConfig.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = from_dict(ExperimentConfig, raw, where="")
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. loss.beta=0.2)")
+    key, _, text = item.partition("=")
+    key = ALIASES.get(key.strip(), key.strip())
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], data: Any, *, where: str) -> T:
+    """Build dataclass `cls` from a mapping, checking keys and value types.
+
+    Args:
+        cls: A dataclass type.
+        data: Mapping of field name to value (nested mappings for nested dataclasses).
+        where: Dotted prefix for error messages.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}{key}"
+        if key not in names:
+            hint = get_close_matches(str(key), names, n=1)
+            extra = f" (did you mean '{where}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{dotted}'{extra}; known: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch per type kind)
+    """Check/convert `value` to type hint `tp`; raises ConfigError naming `where`."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=f"{where}.")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

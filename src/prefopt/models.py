@@ -1,0 +1,174 @@
+"""Loading policy/reference models and tokenizers, and wrapping them with LoRA.
+
+Sources: a local transformers folder, a .gguf file (dequantised by transformers), the bundled
+SmolLM2 ("bundled:smollm2-135m-instruct"), or a Hub id (the only case that touches the network).
+Weights load from safetensors where the checkpoint has them; `trust_remote_code` stays off unless
+the user turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefopt.bundled import bundled_model_dir, is_bundled
+from prefopt.config import LoraConfig, ModelConfig
+from prefopt.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder (or Hub id) plus an optional GGUF file name."""
+
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn a config's model string into a loadable source, failing early on missing paths."""
+    if is_bundled(name_or_path):
+        return ModelSource(str(bundled_model_dir(name=name_or_path)))
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ModelError(f"GGUF file '{gguf_file}' not found in {path}")
+        if gguf_file is None and not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: not a transformers model folder")
+        return ModelSource(str(path), gguf_file)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if (
+        looks_local
+        or path.suffix in (".gguf", ".safetensors", ".bin")
+        or not _HUB_ID.match(name_or_path)
+    ):
+        raise ModelError(f"model path not found: {name_or_path}")
+    return ModelSource(name_or_path, gguf_file, is_local=False)
+
+
+def _load_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if source.is_local:
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> ModelError:
+    if source.is_local:
+        return ModelError(f"could not load {source.location}: {exc}")
+    return ModelError(
+        f"'{source.location}' is not a local path, and loading it from the Hugging Face Hub "
+        f"failed (offline, or no such repo?): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    )
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """Load the tokenizer; a missing pad token is set to EOS (masks come from lengths anyway)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(cfg.tokenizer or cfg.name_or_path, cfg.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.location, **_load_kwargs(cfg, source))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(f"tokenizer of {source.location} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
+    """Load a causal LM per `cfg` (optionally from another location, e.g. a reference model).
+
+    Args:
+        cfg: Model settings (dtype, attention, trust_remote_code, gradient checkpointing).
+        name_or_path: Location overriding `cfg.name_or_path`.
+
+    Returns:
+        The model, in train mode, on CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(name_or_path or cfg.name_or_path, cfg.gguf_file)
+    kwargs = _load_kwargs(cfg, source)
+    kwargs["dtype"] = _DTYPES[cfg.dtype]
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from None
+    if source.gguf_file:
+        # A dequantised GGUF is a plain float model; drop the quantizer so it saves normally.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    logger.info("loaded %s (%s, %.1f M parameters)", source.location, cfg.dtype, _millions(model))
+    return model
+
+
+def _millions(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap `model` with fresh LoRA adapters (peft); only adapter weights stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if cfg.load_in_4bit and not torch.cuda.is_available():
+        raise ModelError("QLoRA (lora.load_in_4bit) needs a CUDA GPU and bitsandbytes")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {exc}") from None
+    if getattr(model, "is_gradient_checkpointing", False):
+        peft_model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d on %s: %.2f M trainable parameters", cfg.r, cfg.target_modules,
+                trainable / 1e6)  # fmt: skip
+    return peft_model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: what a reference model must be."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout in the base model to p=0 (as DPO practice does: the policy's and the
+    reference's log-probs must be comparable). LoRA's own dropout is left as configured."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0

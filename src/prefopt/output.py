@@ -1,0 +1,101 @@
+"""The run's output folder: resolved config at the start, loadable model and card at the end.
+
+Layout of `output.dir`:
+    config.yaml          resolved config (every default filled in)
+    metrics.jsonl        one line per step / evaluation
+    checkpoints/         step-NNNNNN/ resumable checkpoints
+    model/               final model: `AutoModelForCausalLM.from_pretrained("…/model")`
+                         (or a peft adapter folder, when LoRA is not merged), tokenizer,
+                         README.md model card
+    final_metrics.json   last eval (or train) metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefopt.config import ExperimentConfig
+from prefopt.config_io import save_config
+from prefopt.errors import PrefoptError
+
+if TYPE_CHECKING:
+    from prefopt.run_setup import RunParts
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(cfg: ExperimentConfig) -> Path:
+    """Create the output folder; refuse to mix a new run into an old one by accident."""
+    out = Path(cfg.output.dir)
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and not cfg.output.resume and not cfg.output.overwrite:
+        raise PrefoptError(
+            f"output folder {out} is not empty: continue it with resume=latest, pick another "
+            "output.dir, or set output.overwrite=true"
+        )
+    if cfg.output.overwrite and not cfg.output.resume:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():
+            metrics.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:
+    """Save the trained model, tokenizer, model card and final metrics into `out_dir/model`."""
+    cfg = run.cfg
+    target = out_dir / "model"
+    model: Any = run.model
+    if cfg.lora.enabled and cfg.lora.merge_on_save:
+        model = model.merge_and_unload()
+    try:
+        model.save_pretrained(str(target), safe_serialization=True)
+        run.tokenizer.save_pretrained(str(target))
+    except OSError as exc:
+        raise PrefoptError(f"could not save the final model to {target}: {exc}") from None
+    (target / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
+    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("final model saved to %s", target)
+    return target
+
+
+def model_card(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
+    """A short README for the saved model."""
+    loss = "+".join(cfg.loss.names)
+    lora = (
+        f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {cfg.lora.target_modules}"
+        + (" (merged)" if cfg.lora.merge_on_save else " (adapter only)")
+        if cfg.lora.enabled
+        else "full fine-tune"
+    )
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
+                     if isinstance(v, float))  # fmt: skip
+    how = (
+        "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), PATH)"
+        if cfg.lora.enabled and not cfg.lora.merge_on_save
+        else "AutoModelForCausalLM.from_pretrained(PATH)"
+    )
+    return f"""---
+library_name: transformers
+tags: [prefopt, dpo, {loss}]
+---
+# Preference-tuned with prefopt
+
+- Base model: `{cfg.model.name_or_path}`
+- Data: `{cfg.data.train}`
+- Loss: `{loss}`, beta = {cfg.loss.beta}
+- Reference: {cfg.reference_strategy()}
+- Training: {lora}; lr {cfg.optim.lr}, batch {cfg.train.batch_size} × accum {cfg.train.grad_accum}
+
+Load with `{how}`.
+
+## Final metrics
+
+| metric | value |
+|---|---|
+{rows}
+"""

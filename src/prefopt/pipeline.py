@@ -1,0 +1,139 @@
+"""Data for a run: load → normalise → split → tokenize, with every drop reported.
+
+Runs before any model loads (it needs only the tokenizer), so a bad row stops the run in
+seconds rather than after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefopt.config import ExperimentConfig
+from prefopt.data import ColumnMap, load_preference_data, split_eval
+from prefopt.data.records import PreferencePair, UnpairedExample
+from prefopt.errors import ConfigError
+from prefopt.loss_registry import LOSSES
+from prefopt.tokenize import (
+    TokenizedExample,
+    TokenizedPair,
+    tokenize_examples,
+    tokenize_pairs,
+)
+
+logger = logging.getLogger(__name__)
+
+Tokenized = list[TokenizedPair] | list[TokenizedExample]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/eval examples and what happened on the way.
+
+    Attributes:
+        train: Tokenized training pairs (or unpaired examples for KTO).
+        eval: Tokenized eval examples, or None.
+        unpaired: True for unpaired (KTO) data.
+        format: Detected format of the training file.
+        notes: Human-readable lines about loading/tokenization (drops, truncation).
+    """
+
+    train: Tokenized
+    eval: Tokenized | None
+    unpaired: bool
+    format: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _columns(cfg: ExperimentConfig) -> ColumnMap:
+    c = cfg.data.columns
+    return ColumnMap(
+        prompt=c.prompt,
+        chosen=c.chosen,
+        rejected=c.rejected,
+        completion=c.completion,
+        label=c.label,
+    )
+
+
+def _load(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
+    examples, report = load_preference_data(
+        source,
+        format=cfg.data.format,
+        columns=_columns(cfg),
+        split=cfg.data.split,
+        on_error=cfg.data.on_error,
+    )
+    return list(examples), report.format, report.summary()
+
+
+def _check_loss_fits(cfg: ExperimentConfig, unpaired: bool, fmt: str) -> None:
+    kinds = {LOSSES[n].data for n in cfg.loss.names}
+    if unpaired and "paired" in kinds:
+        raise ConfigError(
+            f"loss {cfg.loss.names} needs paired data (prompt/chosen/rejected), but "
+            f"{cfg.data.train} holds unpaired rows (format '{fmt}'); use loss.name=kto"
+        )
+    if not unpaired and "unpaired" in kinds:
+        raise ConfigError(
+            f"loss 'kto' needs unpaired rows (prompt/completion/label), but {cfg.data.train} "
+            f"holds pairs (format '{fmt}'); convert it first with "
+            "`prefopt data convert --to unpaired` (each pair gives one desirable and one "
+            "undesirable row)"
+        )
+    if unpaired and cfg.reference_strategy() == "precompute":
+        raise ConfigError(
+            "reference.strategy=precompute is not supported with kto: its KL estimate pairs "
+            "rows differently in every batch; use copy, model or adapter"
+        )
+
+
+def _tokenize(cfg: ExperimentConfig, tokenizer: Any, examples: list[Any]) -> tuple[Tokenized, str]:
+    kwargs: dict[str, Any] = {
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "on_error": cfg.data.on_error,
+        "progress": cfg.output.progress and len(examples) > 2000,
+    }
+    if examples and isinstance(examples[0], UnpairedExample):
+        tokens, report = tokenize_examples(examples, tokenizer, **kwargs)
+        return tokens, report.summary()
+    pairs: list[PreferencePair] = examples
+    tok_pairs, report = tokenize_pairs(pairs, tokenizer, **kwargs)
+    return tok_pairs, report.summary()
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
+    """Load, split and tokenize the train (and eval) data of `cfg`."""
+    train_ex, fmt, load_note = _load(cfg, cfg.data.train)
+    if cfg.data.max_pairs is not None:
+        train_ex = train_ex[: cfg.data.max_pairs]
+    unpaired = bool(train_ex) and isinstance(train_ex[0], UnpairedExample)
+    _check_loss_fits(cfg, unpaired, fmt)
+    notes = [load_note]
+    eval_ex: list[Any] | None = None
+    if cfg.data.eval is not None:
+        eval_ex, _, eval_note = _load(cfg, cfg.data.eval)
+        notes.append(eval_note)
+    elif cfg.data.eval_fraction > 0:
+        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+        notes.append(f"held out {len(eval_ex)} of the training rows for evaluation")
+    train_tok, train_note = _tokenize(cfg, tokenizer, train_ex)
+    notes.append("train: " + train_note)
+    eval_tok: Tokenized | None = None
+    if eval_ex:
+        eval_tok, eval_note = _tokenize(cfg, tokenizer, eval_ex)
+        notes.append("eval: " + eval_note)
+    if not train_tok:
+        raise ConfigError(f"no usable training rows in {cfg.data.train}:\n" + "\n".join(notes))
+    for line in notes:
+        logger.info(line)
+    return PreparedData(train_tok, eval_tok, unpaired, fmt, notes)
+
+
+def example_length(example: TokenizedPair | TokenizedExample) -> int:
+    """Tokens an example puts in a batch row (the longer of chosen/rejected for pairs)."""
+    if isinstance(example, TokenizedPair):
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+    return len(example.prompt_ids) + len(example.completion_ids)

@@ -1,0 +1,190 @@
+"""The reference model π_ref behind one interface, five strategies.
+
+* copy       a frozen copy of the starting policy (full fine-tune default)
+* model      a separate frozen checkpoint (e.g. the SFT model when the policy starts elsewhere)
+* adapter    the policy's own weights with LoRA adapters disabled (LoRA default; no second copy)
+* precompute reference log-probs computed once before training, cached on disk by fingerprint
+* none       no reference (reference-free losses)
+
+Every strategy answers `row_logps(rows, keys)`: the summed response log-prob of each row of a
+batch under π_ref. `keys` name the rows ((dataset position, "chosen"|"rejected")) so the
+precomputed strategy can look them up without a forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prefopt.errors import PrefoptError
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+class Rows(Protocol):
+    """Anything with the three [R, T] tensors a log-prob forward needs."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+
+
+class Reference(Protocol):
+    strategy: str
+    equals_initial_policy: bool
+    """True when π_ref should equal the starting policy exactly (checked at step 0)."""
+
+    def row_logps(self, rows: Rows, keys: Sequence[Hashable]) -> Tensor:
+        """[R] float32 summed reference log-prob of each row."""
+        ...
+
+
+class ModelReference:
+    """π_ref computed by a forward pass: a frozen model, or the policy with adapters off.
+
+    Args:
+        scorer: A `SequenceLogprobModel` (or anything with its forward signature).
+        strategy: "copy", "model" or "adapter".
+        peft_model: For "adapter": the peft model whose adapters are disabled during the pass.
+    """
+
+    def __init__(self, scorer: nn.Module, strategy: str, peft_model: nn.Module | None = None):
+        self.scorer = scorer
+        self.strategy = strategy
+        self.peft_model = peft_model
+        self.equals_initial_policy = strategy in ("copy", "adapter")
+
+    @contextlib.contextmanager
+    def _mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) and, for "adapter", adapters off; restored afterwards."""
+        was_training = self.scorer.training
+        self.scorer.eval()
+        try:
+            if self.peft_model is not None:
+                with self.peft_model.disable_adapter():  # type: ignore[operator]
+                    yield
+            else:
+                yield
+        finally:
+            self.scorer.train(was_training)
+
+    @torch.no_grad()
+    def row_logps(self, rows: Rows, keys: Sequence[Hashable] = ()) -> Tensor:
+        with self._mode():
+            logps, _ = self.scorer(rows.input_ids, rows.attention_mask, rows.response_mask)
+        return logps.detach()
+
+
+class PrecomputedReference:
+    """π_ref log-probs looked up from a table computed once before training.
+
+    Args:
+        table: key -> log-prob.
+        equals_initial_policy: Whether the table was computed with the starting policy.
+    """
+
+    strategy = "precompute"
+
+    def __init__(self, table: dict[Hashable, float], equals_initial_policy: bool):
+        self.table = table
+        self.equals_initial_policy = equals_initial_policy
+
+    def row_logps(self, rows: Rows, keys: Sequence[Hashable]) -> Tensor:
+        try:
+            values = [self.table[k] for k in keys]
+        except KeyError as exc:
+            raise PrefoptError(f"no precomputed reference log-prob for row {exc}") from None
+        return torch.tensor(values, dtype=torch.float32, device=rows.input_ids.device)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes and dtype: identical weights, identical key."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def rows_fingerprint(rows: Sequence[Sequence[int]], extra: str = "") -> str:
+    """SHA-256 over tokenized rows (so data, template and truncation all enter the key)."""
+    digest = hashlib.sha256(extra.encode())
+    for ids in rows:
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def load_or_compute_table(
+    cache_file: Path,
+    keys: Sequence[Hashable],
+    compute: Callable[[], Tensor],
+) -> dict[Hashable, float]:
+    """Load a cached log-prob table, or compute it with `compute()` -> [len(keys)] and cache it.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a torn cache.
+    """
+    if cache_file.is_file():
+        values = load_file(str(cache_file))["logps"]
+        if values.shape[0] == len(keys):
+            logger.info("reference log-probs: reusing cache %s", cache_file)
+            return dict(zip(keys, values.tolist(), strict=True))
+        logger.warning("reference cache %s has the wrong size; recomputing", cache_file)
+    values = compute()  # [K] float32
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    save_file({"logps": values.contiguous().cpu()}, str(tmp))
+    tmp.replace(cache_file)
+    logger.info("reference log-probs: computed %d rows, cached in %s", len(keys), cache_file)
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+@torch.no_grad()
+def check_reference(
+    policy_scorer: nn.Module, reference: Reference, rows: Rows, keys: Sequence[Hashable]
+) -> float:
+    """Compare π_ref with the starting policy on one batch; returns max |Δ log π|.
+
+    Raises PrefoptError when the reference should equal the starting policy but does not
+    (a wrong reference silently biases every reward).
+    """
+    was_training = policy_scorer.training
+    policy_scorer.eval()
+    try:
+        policy, _ = policy_scorer(rows.input_ids, rows.attention_mask, rows.response_mask)
+    finally:
+        policy_scorer.train(was_training)
+    ref = reference.row_logps(rows, keys)
+    diff = (policy.float() - ref.float()).abs().max().item()
+    scale = max(1.0, policy.abs().max().item())
+    tol = 1e-4 * scale if policy.dtype == torch.float32 else 2e-2 * scale
+    if reference.equals_initial_policy:
+        if diff > tol:
+            raise PrefoptError(
+                f"reference ({reference.strategy}) differs from the starting policy by "
+                f"{diff:.3g} nats (tolerance {tol:.3g}): the rewards would be biased from step 0"
+            )
+        logger.info(
+            "step 0 check: reference (%s) equals the starting policy (max |Δ log π| = %.2g); "
+            "DPO's sigmoid loss starts at ln 2 = 0.6931",
+            reference.strategy,
+            diff,
+        )
+    else:
+        logger.info(
+            "step 0: reference (%s) differs from the starting policy by up to %.3g nats "
+            "(expected: it is a different model)",
+            reference.strategy,
+            diff,
+        )
+    return diff

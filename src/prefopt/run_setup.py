@@ -1,0 +1,221 @@
+"""Everything a training run needs before its first step: models, reference, optimizer.
+
+Order matters for the user: config validated → tokenizer → data (fails fast on bad rows) →
+models → reference (checked against the starting policy) → optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from prefopt.collate import collate_pairs
+from prefopt.config import ExperimentConfig
+from prefopt.errors import ConfigError
+from prefopt.logprobs import SequenceLogprobModel
+from prefopt.models import apply_lora, disable_dropout, freeze, load_causal_lm, load_tokenizer
+from prefopt.pipeline import PreparedData, prepare_data
+from prefopt.reference import (
+    ModelReference,
+    PrecomputedReference,
+    Reference,
+    load_or_compute_table,
+    model_fingerprint,
+    rows_fingerprint,
+)
+from prefopt.step import pair_keys
+from prefopt.tokenize import TokenizedPair
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunParts:
+    """The assembled pieces of a run (models unwrapped; `scorer` is what accelerate wraps)."""
+
+    cfg: ExperimentConfig
+    accelerator: Accelerator
+    tokenizer: Any
+    data: PreparedData
+    model: nn.Module
+    scorer: nn.Module
+    reference: Reference | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    steps_per_epoch: int
+
+
+def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """An Accelerator for the configured device and precision."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible")
+    if cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
+
+
+def schedule_steps(cfg: ExperimentConfig, n_train: int, world: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) for `n_train` examples."""
+    effective = cfg.train.batch_size * cfg.train.grad_accum * world
+    per_epoch = n_train // effective if world > 1 else math.ceil(n_train / effective)
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{n_train} training examples are fewer than one effective batch ({effective} = "
+            "batch_size × grad_accum × processes)"
+        )
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    return total, per_epoch
+
+
+def lr_lambda(cfg: ExperimentConfig, total: int) -> Any:
+    """Warmup then linear/cosine/constant multiplier of the peak lr."""
+    warmup = cfg.optim.warmup_steps or int(cfg.optim.warmup_ratio * total)
+    kind = cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def build_policy(cfg: ExperimentConfig) -> nn.Module:
+    """The trainable policy: the loaded model, LoRA-wrapped if asked, dropout off."""
+    model = load_causal_lm(cfg.model)
+    disable_dropout(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    model.train()
+    return model
+
+
+def _scorer(cfg: ExperimentConfig, model: nn.Module) -> SequenceLogprobModel:
+    return SequenceLogprobModel(
+        model,
+        response_only=cfg.train.response_only_logits,
+        chunk_size=cfg.train.logit_chunk_size,
+    )
+
+
+def build_reference(
+    cfg: ExperimentConfig, model: nn.Module, scorer: nn.Module, data: PreparedData, device: Any
+) -> Reference | None:
+    """The reference of the configured strategy (before any training step)."""
+    strategy = cfg.reference_strategy()
+    if strategy == "none":
+        return None
+    if strategy == "adapter":
+        return ModelReference(scorer, "adapter", peft_model=model)
+    if strategy == "copy":
+        ref_model = freeze(copy.deepcopy(_base(model)))
+        return ModelReference(_scorer(cfg, ref_model).to(device), "copy")
+    if strategy == "model":
+        assert cfg.reference.model is not None
+        ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
+        return ModelReference(_scorer(cfg, ref_model).to(device), "model")
+    return _precomputed(cfg, model, scorer, data, device)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The starting weights without adapters (a fresh LoRA equals its base)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _precomputed(
+    cfg: ExperimentConfig, model: nn.Module, scorer: nn.Module, data: PreparedData, device: Any
+) -> PrecomputedReference:
+    """Score every train/eval pair once with the starting policy (or `reference.model`)."""
+    with_model = cfg.reference.precompute_with == "model"
+    ref_scorer: nn.Module = scorer
+    if with_model:
+        assert cfg.reference.model is not None
+        ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
+        ref_scorer = _scorer(cfg, ref_model).to(device)
+    splits: list[tuple[str, list[TokenizedPair]]] = [("train", list(data.train))]  # type: ignore[arg-type]
+    if data.eval:
+        splits.append(("eval", list(data.eval)))  # type: ignore[arg-type]
+    cache_root = Path(cfg.reference.cache_dir or Path.home() / ".cache" / "prefopt" / "ref_logps")
+    fingerprint_model = model_fingerprint(_base(model) if not with_model else ref_scorer)
+    reference = ModelReference(ref_scorer, "precompute-source", peft_model=_peft(model, with_model))
+    table: dict[Hashable, float] = {}
+    for split, pairs in splits:
+        keys = [k for i in range(len(pairs)) for k in pair_keys([i], split)]
+        rows = [p.prompt_ids + r for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+        extra = f"{cfg.train.response_only_logits}|{cfg.model.dtype}|{split}"
+        name = f"{fingerprint_model}-{rows_fingerprint(rows, extra)}.safetensors"
+        table.update(
+            load_or_compute_table(
+                cache_root / name,
+                keys,
+                lambda pairs=pairs: _score_all(cfg, reference, pairs, device),
+            )
+        )
+    return PrecomputedReference(table, equals_initial_policy=not with_model)
+
+
+def _peft(model: nn.Module, with_model: bool) -> nn.Module | None:
+    """The peft model whose adapters must be off while precomputing, if any."""
+    return None if with_model or not hasattr(model, "disable_adapter") else model
+
+
+def _score_all(
+    cfg: ExperimentConfig, reference: ModelReference, pairs: Sequence[TokenizedPair], device: Any
+) -> torch.Tensor:
+    """[2·len(pairs)] log-probs ordered (pair 0 chosen, pair 0 rejected, pair 1 chosen, …)."""
+    from tqdm.auto import tqdm
+
+    size = cfg.eval.batch_size or cfg.train.batch_size
+    out: list[torch.Tensor] = []
+    starts = range(0, len(pairs), size)
+    for start in tqdm(starts, desc="reference log-probs", disable=not cfg.output.progress):
+        chunk = pairs[start : start + size]
+        batch = collate_pairs(chunk, pad_token_id=0).to(device)
+        logps = reference.row_logps(batch)  # [2b]: chosen rows then rejected rows
+        b = len(chunk)
+        out.append(torch.stack([logps[:b], logps[b:]], dim=1).reshape(-1).cpu())
+    return torch.cat(out)
+
+
+def build_run(cfg: ExperimentConfig) -> RunParts:
+    """Assemble a run from a validated config."""
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tokenizer)
+    total, per_epoch = schedule_steps(cfg, len(data.train), accelerator.num_processes)
+    model = build_policy(cfg)
+    scorer = _scorer(cfg, model).to(accelerator.device)
+    reference = build_reference(cfg, model, scorer, data, accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.adam_betas[0], cfg.optim.adam_betas[1]),
+        eps=cfg.optim.adam_eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    return RunParts(
+        cfg, accelerator, tokenizer, data, model, scorer, reference, optimizer, scheduler, total,
+        per_epoch,
+    )  # fmt: skip

@@ -1,0 +1,127 @@
+"""Where metrics go: a JSONL file (always), TensorBoard and W&B (when asked), a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Writes each step's metrics to `metrics.jsonl` and to any optional loggers.
+
+    Args:
+        output_dir: Run folder (metrics.jsonl is appended to, so a resumed run continues it).
+        report_to: Logger names: "jsonl", "tensorboard", "wandb".
+        config: Resolved config as a dict (sent to W&B).
+        enabled: False on non-main processes.
+    """
+
+    def __init__(
+        self, output_dir: Path, report_to: list[str], config: dict[str, Any], enabled: bool = True
+    ):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self._tb: Any = None
+        self._wandb: Any = None
+        if not enabled:
+            return
+        if "tensorboard" in report_to:
+            self._tb = _tensorboard_writer(output_dir / "tensorboard")
+        if "wandb" in report_to:
+            self._wandb = _wandb_run(output_dir, config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record ({"step": n, "split": "train"|"eval", metric: value, ...})."""
+        if not self.enabled:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        split, step = record.get("split", "train"), int(record.get("step", 0))
+        numbers = {
+            f"{split}/{k}": float(v)
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and k not in ("step", "split")
+        }
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+    return value
+
+
+def _tensorboard_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("report_to has tensorboard but it is not installed: pip install tensorboard")
+        return None
+    return SummaryWriter(log_dir=str(path))
+
+
+def _wandb_run(output_dir: Path, config: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("report_to has wandb but it is not installed: pip install wandb")
+        return None
+    return wandb.init(project="prefopt", dir=str(output_dir), config=config)
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl."""
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, accuracy, margin and ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar: Any = None
+        self.start = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", leave=True)
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if self._bar is None:
+            return
+        self._bar.set_postfix(
+            loss=f"{metrics.get('loss', math.nan):.4f}",
+            acc=f"{metrics.get('rewards/accuracies', math.nan):.2f}",
+            margin=f"{metrics.get('rewards/margins', math.nan):.3f}",
+            refresh=False,
+        )
+        self._bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            logger.info(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,307 @@
+"""The training loop: one explicit loop on accelerate, no trainer class tree.
+
+Read `train()` top to bottom: set up → step-0 reference check and eval → for each optimizer
+step: micro-batches (forward, loss, backward) → finite check → clip → AdamW → schedule → log →
+eval / checkpoint / early stop → final save, report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prefopt.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from prefopt.collate import collate_pairs, epoch_batches
+from prefopt.config import ExperimentConfig
+from prefopt.config_io import to_dict
+from prefopt.errors import PrefoptError
+from prefopt.evaluate import evaluate_dataset, micro_step
+from prefopt.metrics import MetricAccumulator
+from prefopt.output import prepare_output_dir, save_final
+from prefopt.pipeline import example_length
+from prefopt.reference import check_reference
+from prefopt.run_setup import RunParts, build_run
+from prefopt.step import pair_keys
+from prefopt.tokenize import TokenizedPair
+from prefopt.tracking import Progress, Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class Interrupted(PrefoptError):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+
+class NonFiniteError(PrefoptError):
+    """Loss or gradient became NaN/Inf."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    state: TrainerState
+    initial_eval: dict[str, float] | None
+    final_eval: dict[str, float] | None
+    last_train: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        logger.warning("signal %d: finishing this step, then saving a checkpoint", signum)
+
+
+@contextlib.contextmanager
+def _signals(flag: _StopFlag) -> Iterator[None]:
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, flag)
+    except ValueError:  # not the main thread: leave handlers alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _effective_batches(run: RunParts, state: TrainerState) -> Iterator[list[int]]:
+    """Dataset positions of each remaining effective batch, epoch after epoch."""
+    cfg, world = run.cfg, run.accelerator.num_processes
+    lengths = [example_length(e) for e in run.data.train]
+    size = cfg.train.batch_size * cfg.train.grad_accum * world
+    epoch, skip = state.epoch, state.batch_in_epoch
+    while True:
+        batches = epoch_batches(
+            lengths, size, seed=cfg.train.seed, epoch=epoch,
+            group_by_length=cfg.train.group_by_length, drop_last=world > 1,
+        )  # fmt: skip
+        for i, batch in enumerate(batches[: run.steps_per_epoch]):
+            if i >= skip:
+                yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def _micro_batches(run: RunParts, batch: list[int]) -> list[list[int]]:
+    """This process's share of an effective batch, cut into micro-batches."""
+    acc, world = run.accelerator, run.accelerator.num_processes
+    share = len(batch) // world if world > 1 else len(batch)
+    mine = batch[acc.process_index * share : (acc.process_index + 1) * share]
+    size = run.cfg.train.batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[str, float], int]:
+    """One optimizer step over an effective batch; returns (metrics, tokens)."""
+    acc, cfg = run.accelerator, run.cfg
+    n_global, world = len(batch), acc.num_processes
+    micro = _micro_batches(run, batch)
+    metrics, tokens = MetricAccumulator(), 0
+    for i, positions in enumerate(micro):
+        sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(prepared)
+        with sync, acc.autocast():
+            out, n_tok = micro_step(
+                prepared, run.reference, [run.data.train[p] for p in positions], positions,
+                cfg.loss, pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
+                reduce_mean=lambda t: acc.reduce(t, "mean") if world > 1 else t,
+            )  # fmt: skip
+            # Sum over pairs / global pair count, × world since DDP averages across processes:
+            # the update equals one big batch whatever the split into micro-batches/processes.
+            loss = out.losses.sum() / n_global * world
+        acc.backward(loss)
+        metrics.add(out.metrics)
+        tokens += n_tok
+    values = metrics.compute(lambda t: acc.reduce(t.to(acc.device), "sum").cpu())
+    values["grad_norm"] = _clip(run)
+    return values, tokens
+
+
+def _clip(run: RunParts) -> float:
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    max_norm = run.cfg.optim.max_grad_norm
+    norm = run.accelerator.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    return float(norm)
+
+
+def _finite(values: dict[str, float]) -> bool:
+    return all(math.isfinite(values.get(k, 0.0)) for k in ("loss", "grad_norm"))
+
+
+def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
+    if not run.data.eval:
+        return None
+    acc = run.accelerator
+    return evaluate_dataset(
+        prepared, run.reference, run.data.eval, run.cfg.loss,
+        batch_size=run.cfg.eval.batch_size or run.cfg.train.batch_size,
+        pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
+    )  # fmt: skip
+
+
+def _check_reference(run: RunParts) -> None:
+    if run.reference is None or not run.cfg.reference.verify or run.data.unpaired:
+        return
+    pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
+    batch = collate_pairs(pairs, pad_token_id=run.tokenizer.pad_token_id).to(run.accelerator.device)
+    check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
+
+
+def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
+    """Update patience with the eval metric; True when training should stop."""
+    name = run.cfg.eval.early_stopping_metric
+    if name is None or name not in metrics:
+        return False
+    value = metrics[name]
+    better = state.best_metric is None or (
+        value > state.best_metric if run.cfg.eval.early_stopping_mode == "max"
+        else value < state.best_metric
+    )  # fmt: skip
+    if better:
+        state.best_metric, state.bad_evals = value, 0
+        return False
+    state.bad_evals += 1
+    return state.bad_evals >= run.cfg.eval.patience
+
+
+def train(cfg: ExperimentConfig) -> TrainResult:
+    """Run DPO-family training as configured; returns where the output went and the metrics."""
+    out_dir = prepare_output_dir(cfg)
+    run = build_run(cfg)
+    acc = run.accelerator
+    prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
+    config_yaml = _config_yaml(cfg)
+    state = TrainerState()
+    if cfg.output.resume:
+        ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
+        state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+    tracker = Tracker(out_dir, cfg.output.report_to, to_dict(cfg), enabled=acc.is_main_process)
+    initial_eval = None
+    if state.step == 0:
+        _check_reference(run)
+        initial_eval = _eval(run, prepared)
+        if initial_eval is not None:
+            tracker.log({"step": 0, "split": "eval", **initial_eval})
+    result = _loop(run, prepared, state, tracker, out_dir, config_yaml)
+    result.initial_eval = initial_eval
+    tracker.close()
+    return result
+
+
+def _config_yaml(cfg: ExperimentConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
+    run: RunParts,
+    prepared: Any,
+    state: TrainerState,
+    tracker: Tracker,
+    out_dir: Path,
+    config_yaml: str,
+) -> TrainResult:
+    cfg, acc = run.cfg, run.accelerator
+    flag, stopped_early, last, final_eval = _StopFlag(), False, {}, None
+    progress = Progress(run.total_steps, state.step, cfg.output.progress and acc.is_main_process)
+    batches = _effective_batches(run, state)
+    ckpt_root = out_dir / "checkpoints"
+    start = time.perf_counter()
+    with _signals(flag):
+        while state.step < run.total_steps:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            values, tokens = _train_step(run, batch, prepared)
+            if not _finite(values):
+                run.optimizer.zero_grad(set_to_none=True)
+                _handle_non_finite(run, state, batch, values)
+                _advance(run, state)
+                continue
+            lr = run.scheduler.get_last_lr()[0]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            _advance(run, state)
+            state.tokens_seen += tokens
+            dt = time.perf_counter() - t0
+            last = {**values, "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
+                    "elapsed_s": time.perf_counter() - start, "epoch": state.epoch}  # fmt: skip
+            tracker.log({"step": state.step, "split": "train", **last})
+            progress.update(last)
+            every = cfg.eval.every_steps
+            if every and state.step % every == 0 and state.step < run.total_steps:
+                ev = _eval(run, prepared)
+                if ev is not None:
+                    tracker.log({"step": state.step, "split": "eval", **ev})
+                    progress.write(_fmt_eval(state.step, ev))
+                    if _early_stop(run, state, ev):
+                        stopped_early = True
+                        progress.write(f"early stopping at step {state.step}")
+                        break
+            save_every = cfg.output.save_every
+            if flag.signal is not None or (save_every and state.step % save_every == 0):
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, state,
+                                    config_yaml, keep=cfg.output.keep_checkpoints)  # fmt: skip
+                if flag.signal is not None:
+                    progress.close()
+                    raise Interrupted(
+                        f"interrupted at step {state.step}; checkpoint saved. Continue with "
+                        f"the same command plus resume=latest"
+                    )
+    progress.close()
+    final_eval = _eval(run, prepared)
+    if final_eval is not None:
+        tracker.log({"step": state.step, "split": "eval", **final_eval})
+    if acc.is_main_process:
+        save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, state, config_yaml,
+                        keep=cfg.output.keep_checkpoints)  # fmt: skip
+        save_final(run, out_dir, final_eval or last)
+    return TrainResult(out_dir, state, None, final_eval, last, stopped_early)
+
+
+def _advance(run: RunParts, state: TrainerState) -> None:
+    state.step += 1
+    state.batch_in_epoch += 1
+    if state.batch_in_epoch >= run.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def _handle_non_finite(
+    run: RunParts, state: TrainerState, batch: list[int], values: dict[str, float]
+) -> None:
+    rows = sorted({int(run.data.train[p].index) for p in batch})
+    message = (
+        f"step {state.step + 1}: non-finite loss={values.get('loss')} or "
+        f"grad_norm={values.get('grad_norm')} on source rows {rows}"
+    )
+    if run.cfg.train.on_nan == "skip":
+        state.skipped_steps += 1
+        logger.warning("%s; step skipped (%d so far)", message, state.skipped_steps)
+        return
+    raise NonFiniteError(message + "; stopping (the last checkpoint is kept). "
+                         "Set train.on_nan=skip to skip such steps")  # fmt: skip
+
+
+def _fmt_eval(step: int, ev: dict[str, float]) -> str:
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+    return f"eval @ step {step}: " + ", ".join(f"{k}={ev[k]:.4f}" for k in keys if k in ev)
