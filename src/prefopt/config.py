@@ -176,6 +176,9 @@ class TrainConfig:
     """CPU threads for torch (None: torch's default)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train."""
+    stop_after_steps: int | None = None
+    """Stop (checkpoint, exit as interrupted) after this many steps in this invocation: for
+    time-boxed jobs; continue later with resume=latest."""
     on_nan: Literal["stop", "skip"] = "stop"
     """Non-finite loss or gradient: stop (keeping the last checkpoint) or skip the step."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from difflib import get_close_matches
@@ -73,7 +74,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a YAML section whose keys are all commented out
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
@@ -88,8 +91,11 @@ def from_dict(cls: type[T], data: Any, *, where: str) -> T:
         data: Mapping of field name to value (nested mappings for nested dataclasses).
         where: Dotted prefix for error messages.
     """
+    if data is None:  # a YAML section whose keys are all commented out: all defaults
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        section = where.rstrip(".") or "config"
+        raise ConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -112,11 +118,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch 
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        arms = [a for a in args if a is not type(None)]
+        for arg in arms:
             try:
                 return _coerce(arg, value, where)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                if len(arms) == 1:  # `X | None`: X's own message says more ("finite number")
+                    raise ConfigError(f"{exc} (or null)") from None
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -137,12 +145,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch 
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
             with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+                number = float(value)
+        # NaN/inf would slip through every "> 0" check and poison the run much later.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -132,7 +132,9 @@ def _millions(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, *, gradient_checkpointing: bool = False
+) -> nn.Module:
     """Wrap `model` with fresh LoRA adapters (peft); only adapter weights stay trainable."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -150,7 +152,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         peft_model = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {exc}") from None
-    if getattr(model, "is_gradient_checkpointing", False):
+    if gradient_checkpointing:  # checkpointed blocks need inputs that require grad
         peft_model.enable_input_require_grads()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d on %s: %.2f M trainable parameters", cfg.r, cfg.target_modules,

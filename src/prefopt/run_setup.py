@@ -103,7 +103,7 @@ def build_policy(cfg: ExperimentConfig) -> nn.Module:
     model = load_causal_lm(cfg.model)
     disable_dropout(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
     model.train()
     return model
 

@@ -224,6 +224,7 @@ def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
     flag, stopped_early, last, final_eval = _StopFlag(), False, {}, None
     progress = Progress(run.total_steps, state.step, cfg.output.progress and acc.is_main_process)
     batches = _effective_batches(run, state)
+    stop_at = state.step + cfg.train.stop_after_steps if cfg.train.stop_after_steps else None
     ckpt_root = out_dir / "checkpoints"
     start = time.perf_counter()
     with _signals(flag):
@@ -258,6 +259,8 @@ def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
                         progress.write(f"early stopping at step {state.step}")
                         break
             save_every = cfg.output.save_every
+            if stop_at is not None and state.step >= stop_at and state.step < run.total_steps:
+                flag.signal = 0  # a planned stop behaves like an interrupt: save and exit
             if flag.signal is not None or (save_every and state.step % save_every == 0):
                 if acc.is_main_process:
                     save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, state,

@@ -1,0 +1,232 @@
+"""End-to-end training on tiny random models (CPU, seconds): learning happens, references hold."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from prefopt.config_io import load_config
+from prefopt.errors import ConfigError
+from prefopt.trainer import Interrupted, TrainResult, train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "model": save_toy_model(root / "model", "llama", seed=0),
+        "other": save_toy_model(root / "other", "llama", seed=1),
+        "train": write_jsonl(root / "train.jsonl", learnable_pairs(24, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
+    }
+
+
+def run(assets: dict[str, Path], out: Path, *overrides: str) -> TrainResult:
+    base = [
+        f"model.name_or_path={assets['model']}",
+        f"data.train={assets['train']}",
+        f"data.eval={assets['eval']}",
+        f"output.dir={out}",
+        "optim.lr=1e-2",
+        "optim.warmup_ratio=0",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "output.progress=false",
+    ]
+    return train(load_config(None, base + list(overrides)))
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    return load_file(str(ckpts[-1] / "trainable.safetensors"))
+
+
+def test_full_finetune_learns_and_saves_loadable_model(assets: dict[str, Path], tmp_path: Path):
+    result = run(assets, tmp_path / "out")
+    before, after = result.initial_eval, result.final_eval
+    assert before is not None and after is not None
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-4)  # reference == policy at step 0
+    assert before["rewards/accuracies"] == 0.5
+    assert after["loss"] < 0.3 * before["loss"]
+    assert after["rewards/accuracies"] > 0.9
+    assert after["rewards/margins"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    start = AutoModelForCausalLM.from_pretrained(assets["model"])
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), start.state_dict().values(), strict=True)
+    )
+    assert changed
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "sigmoid" in card and "beta = 0.1" in card
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    train_lines = [json.loads(x) for x in lines if '"split": "train"' in x]
+    assert len(train_lines) == result.state.step == 18  # 24 pairs / 4 × 3 epochs
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "rewards/accuracies"} <= set(train_lines[0])
+
+
+def test_copy_reference_is_not_trained(assets: dict[str, Path], tmp_path: Path, monkeypatch):
+    """Spy on the reference built for the run: its weights must not move."""
+    import prefopt.run_setup as rs
+
+    built = {}
+    real = rs.build_reference
+
+    def spy(*args, **kwargs):
+        ref = real(*args, **kwargs)
+        built["ref"] = ref
+        built["start"] = {k: v.clone() for k, v in ref.scorer.state_dict().items()}
+        return ref
+
+    monkeypatch.setattr(rs, "build_reference", spy)
+    run(assets, tmp_path / "out", "train.max_steps=3")
+    after = built["ref"].scorer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in built["start"].items())
+
+
+def test_lora_adapter_reference_trains_only_adapters(assets: dict[str, Path], tmp_path: Path):
+    from peft import PeftModel
+
+    result = run(assets, tmp_path / "out", "lora.enabled=true", "lora.r=8", "train.epochs=5")
+    assert result.final_eval is not None and result.initial_eval is not None
+    assert result.initial_eval["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert result.final_eval["loss"] < result.initial_eval["loss"] - 0.15
+    assert result.final_eval["rewards/accuracies"] > 0.9
+    weights = final_weights(tmp_path / "out")
+    assert weights and all("lora_" in name for name in weights)
+    base = AutoModelForCausalLM.from_pretrained(assets["model"])
+    loaded = PeftModel.from_pretrained(base, tmp_path / "out" / "model")
+    assert loaded is not None
+
+
+def test_lora_merge_on_save_gives_plain_model(assets: dict[str, Path], tmp_path: Path):
+    run(
+        assets,
+        tmp_path / "out",
+        "lora.enabled=true",
+        "lora.merge_on_save=true",
+        "train.max_steps=2",
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_separate_reference_model(assets: dict[str, Path], tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO, logger="prefopt")
+    result = run(
+        assets, tmp_path / "out", f"reference.model={assets['other']}", "train.max_steps=4"
+    )
+    assert result.initial_eval is not None
+    assert result.initial_eval["loss"] != pytest.approx(0.6931, abs=1e-3)  # other weights
+    assert "differs from the starting policy" in caplog.text
+
+
+def test_precomputed_reference_matches_copy_and_is_cached(assets: dict[str, Path], tmp_path: Path):
+    cache = tmp_path / "cache"
+    copy = run(assets, tmp_path / "a", "train.max_steps=4")
+    pre = run(assets, tmp_path / "b", "train.max_steps=4", "reference.strategy=precompute",
+              f"reference.cache_dir={cache}")  # fmt: skip
+    assert len(list(cache.glob("*.safetensors"))) == 2  # train and eval tables
+    assert pre.initial_eval is not None and copy.initial_eval is not None
+    for key in ("loss", "rewards/margins"):
+        assert pre.initial_eval[key] == pytest.approx(copy.initial_eval[key], abs=1e-5)
+        assert pre.final_eval[key] == pytest.approx(copy.final_eval[key], abs=1e-4)
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    run(assets, tmp_path / "c", "train.max_steps=1", "reference.strategy=precompute",
+        f"reference.cache_dir={cache}")  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes  # reused
+
+
+def test_reference_free_simpo_trains(assets: dict[str, Path], tmp_path: Path):
+    result = run(
+        assets, tmp_path / "out", "loss.name=simpo", "loss.beta=2.0", "loss.simpo_gamma=0.5"
+    )
+    assert result.final_eval is not None and result.initial_eval is not None
+    assert result.final_eval["loss"] < result.initial_eval["loss"]
+    assert result.final_eval["rewards/accuracies"] > 0.9
+
+
+def test_combined_sigmoid_sft(assets: dict[str, Path], tmp_path: Path):
+    result = run(assets, tmp_path / "out", "loss.name=[sigmoid, sft]", "loss.weights=[1.0, 0.5]")
+    assert result.final_eval is not None and result.initial_eval is not None
+    # NLL term keeps chosen log-probs rising while DPO separates the pair.
+    assert result.final_eval["logps/chosen"] > result.initial_eval["logps/chosen"]
+    assert result.final_eval["rewards/accuracies"] > 0.9
+
+
+def test_kto_on_unpaired_data(assets: dict[str, Path], tmp_path: Path):
+    rows = []
+    for pair in learnable_pairs(24):
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    result = run(assets, tmp_path / "out", "loss.name=kto", f"data.train={data}",
+                 f"data.eval={data}", "train.max_steps=12")  # fmt: skip
+    assert result.final_eval is not None and result.initial_eval is not None
+    assert result.final_eval["loss"] < result.initial_eval["loss"]
+    assert result.final_eval["rewards/chosen"] > result.final_eval["rewards/rejected"]
+
+
+def test_kto_on_paired_data_is_refused(assets: dict[str, Path], tmp_path: Path):
+    with pytest.raises(ConfigError, match="kto.*unpaired"):
+        run(assets, tmp_path / "out", "loss.name=kto")
+
+
+def test_grad_accumulation_equals_big_batch(assets: dict[str, Path], tmp_path: Path):
+    run(assets, tmp_path / "a", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=3")
+    run(assets, tmp_path / "b", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=3")
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    # Adam turns float32 summation-order noise on near-zero gradients into lr-sized steps, so
+    # weights after 3 steps agree to ~1e-5 while each update is ~1e-2.
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=5e-5, rtol=0)
+
+
+def _gradients(
+    assets: dict[str, Path], out: Path, batch: int, accum: int
+) -> dict[str, torch.Tensor]:
+    from prefopt.run_setup import build_run
+    from prefopt.trainer import _train_step
+
+    cfg = load_config(None, [f"model.name_or_path={assets['model']}", f"data.train={assets['train']}",
+                             f"output.dir={out}", f"train.batch_size={batch}",
+                             f"train.grad_accum={accum}", "optim.max_grad_norm=null"])  # fmt: skip
+    parts = build_run(cfg)
+    _train_step(parts, [0, 5, 9, 13], parts.scorer)
+    return {n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_gradient_equals_big_batch_gradient(assets: dict[str, Path], tmp_path):
+    big = _gradients(assets, tmp_path / "a", 4, 1)
+    small = _gradients(assets, tmp_path / "b", 2, 2)
+    assert big.keys() == small.keys() and big
+    for name in big:
+        torch.testing.assert_close(big[name], small[name], atol=1e-7, rtol=1e-5)
+
+
+def test_resume_equals_uninterrupted(assets: dict[str, Path], tmp_path: Path):
+    common = ("lora.enabled=true", "lora.dropout=0.1", "train.max_steps=6", "optim.scheduler=cosine",
+              "optim.warmup_steps=2")  # fmt: skip
+    run(assets, tmp_path / "full", *common)
+    with pytest.raises(Interrupted):
+        run(assets, tmp_path / "split", *common, "train.stop_after_steps=4")
+    resumed = run(assets, tmp_path / "split", *common, "resume=latest")
+    assert resumed.state.step == 6
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_output_dir_not_clobbered(assets: dict[str, Path], tmp_path: Path):
+    from prefopt.errors import PrefoptError
+
+    run(assets, tmp_path / "out", "train.max_steps=1")
+    with pytest.raises(PrefoptError, match="not empty"):
+        run(assets, tmp_path / "out", "train.max_steps=1")
