@@ -144,14 +144,13 @@ class SequenceLogprobModel(nn.Module):
             )
             return sequence_logprobs(out.logits, input_ids, response_mask)
         lm = _causal_lm(self.model)
-        decoder = lm.base_model
+        decoder, head = _decoder_and_head(lm)
         hidden = decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state  # [N, T, H]
-        head = lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
         return response_logprobs(
             hidden, head, input_ids, response_mask, chunk_size=self.chunk_size, softcap=softcap
@@ -162,6 +161,16 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def _decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder body (`base_model`) and the output projection of a transformers causal LM."""
+    decoder = getattr(lm, "base_model", None)
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+        raise TypeError(f"{type(lm).__name__} has no base_model and output embeddings to score")
+    return decoder, head
 
 
 def _plain_head(lm: nn.Module) -> bool:

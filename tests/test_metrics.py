@@ -1,0 +1,112 @@
+"""Tests for prefopt.metrics: reward accuracy and the split-invariant metric accumulator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prefopt.losses import LossOutput, PairLogps
+from prefopt.metrics import MetricAccumulator, pair_metrics, reward_accuracy
+
+
+def test_reward_accuracy_counts_ties_as_half() -> None:
+    chosen = torch.tensor([1.0, 0.0, -1.0, 0.0])
+    rejected = torch.tensor([0.0, 1.0, -1.0, 0.0])
+    torch.testing.assert_close(
+        reward_accuracy(chosen, rejected), torch.tensor([1.0, 0.0, 0.5, 0.5])
+    )
+
+
+def test_accumulator_over_two_adds_equals_mean_of_concatenation() -> None:
+    """Batches of 3 and 1 pairs: the mean is over the 4 pairs, not the mean of batch means."""
+    first = torch.tensor([1.0, 2.0, 3.0])
+    second = torch.tensor([10.0])
+    acc = MetricAccumulator()
+    acc.add({"loss": first})
+    acc.add({"loss": second})
+    result = acc.compute()
+    assert result["loss"] == pytest.approx(torch.cat([first, second]).mean().item())
+    assert result["loss"] == pytest.approx(4.0)  # (1 + 2 + 3 + 10) / 4, not (2 + 10) / 2
+
+
+def test_accumulator_skips_nan_entries() -> None:
+    """KTO-style rewards: NaN where a slot does not apply; they count in neither sum nor count."""
+    acc = MetricAccumulator()
+    acc.add({"rewards/chosen": torch.tensor([1.0, math.nan]), "loss": torch.tensor([0.5, 1.5])})
+    acc.add({"rewards/chosen": torch.tensor([math.nan, 3.0]), "loss": torch.tensor([2.5, 3.5])})
+    result = acc.compute()
+    assert result["rewards/chosen"] == pytest.approx(2.0)  # (1 + 3) / 2
+    assert result["loss"] == pytest.approx(2.0)  # (0.5 + 1.5 + 2.5 + 3.5) / 4
+
+
+def test_accumulator_all_nan_metric_is_nan() -> None:
+    acc = MetricAccumulator()
+    acc.add({"rewards/rejected": torch.tensor([math.nan, math.nan])})
+    assert math.isnan(acc.compute()["rewards/rejected"])
+
+
+def test_compute_applies_reduce_and_resets() -> None:
+    """A fake two-process reduce: every process holds the same sums and counts, so summing
+    doubles both and the means are unchanged; the reducer is called on sums and counts."""
+    acc = MetricAccumulator()
+    acc.add({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([5.0])})
+    calls: list[torch.Tensor] = []
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.clone())
+        return 2 * x
+
+    result = acc.compute(reduce)
+    assert result == {"a": pytest.approx(2.0), "b": pytest.approx(5.0)}
+    assert len(calls) == 2
+    torch.testing.assert_close(calls[0], torch.tensor([4.0, 5.0]))  # sums, names sorted
+    torch.testing.assert_close(calls[1], torch.tensor([2.0, 1.0]))  # counts
+    assert acc.compute() == {}  # reset after compute
+
+
+def test_reduce_combines_different_processes() -> None:
+    """Process 0 saw [1, 2, 3], process 1 saw [10]: a reducer that adds process 1's sums and
+    counts gives the global mean 4.0."""
+    pending = [torch.tensor([10.0]), torch.tensor([1.0])]  # process 1's sums, then counts
+
+    acc = MetricAccumulator()
+    acc.add({"loss": torch.tensor([1.0, 2.0, 3.0])})
+    result = acc.compute(lambda x: x + pending.pop(0))
+    assert result["loss"] == pytest.approx(4.0)
+
+
+def test_pair_metrics_names_and_values() -> None:
+    out = LossOutput(
+        losses=torch.tensor([0.5, 0.7], requires_grad=True),
+        chosen_rewards=torch.tensor([0.2, 0.0]),
+        rejected_rewards=torch.tensor([0.1, 0.0]),
+    )
+    logps = PairLogps(
+        policy_chosen=torch.tensor([-1.0, -2.0]),
+        policy_rejected=torch.tensor([-3.0, -4.0]),
+        chosen_tokens=torch.tensor([2, 3]),
+        rejected_tokens=torch.tensor([4, 5]),
+    )
+    values = pair_metrics(out, logps)
+    assert not any(v.requires_grad for v in values.values())
+    torch.testing.assert_close(values["rewards/margins"], torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(values["rewards/accuracies"], torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(values["tokens/rejected"], torch.tensor([4.0, 5.0]))
+    acc = MetricAccumulator()
+    acc.add(values)
+    result = acc.compute()
+    assert result["loss"] == pytest.approx(0.6)
+    assert result["logps/chosen"] == pytest.approx(-1.5)
+    assert set(result) == {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens/chosen",
+        "tokens/rejected",
+    }
