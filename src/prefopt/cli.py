@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from prefopt.errors import PrefoptError
 
@@ -61,6 +62,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from prefopt.config_io import load_config
+    from prefopt.evaluation import run_eval
+
+    overrides = [
+        f"model.name_or_path={args.model}",
+        f"data.train={args.data}",
+        f"loss.name={args.loss}",
+        f"loss.beta={args.beta}",
+        "data.eval_fraction=0",
+        "output.progress=false",
+    ]
+    if args.ref:
+        overrides.append(f"reference.model={args.ref}")
+    if args.max_length:
+        overrides.append(f"data.max_length={args.max_length}")
+    if args.batch_size:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    cfg = load_config(args.config, overrides + args.overrides)
+    metrics, rows = run_eval(cfg, args.model)
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.per_pair:
+        Path(args.per_pair).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(text)
+    return 0
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="preference metrics of a model against a reference")
+    p.add_argument("--model", required=True, help="policy: model folder or LoRA adapter folder")
+    p.add_argument("--ref", help="reference model (default: the adapter's base, if --model is one)")
+    p.add_argument("--data", required=True, help="preference data file")
+    p.add_argument("--loss", default="sigmoid", help="loss name, or [a, b] for a combination")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the loss")
+    p.add_argument("--max-length", type=int, help="token limit per row (data.max_length)")
+    p.add_argument("--batch-size", type=int, help="pairs per forward pass")
+    p.add_argument("--output", help="write mean metrics JSON here")
+    p.add_argument("--per-pair", help="write one JSON line per pair here")
+    p.add_argument("--config", help="YAML config for anything else")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -69,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("config", nargs="?", help="YAML config (defaults apply without one)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=0.2")
     p_train.set_defaults(func=cmd_train)
+    _add_eval(sub)
     return parser
 
 

@@ -95,3 +95,105 @@ def evaluate_dataset(
     metrics = acc.compute(reduce)
     metrics["num_pairs"] = float(len(examples))
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# `prefopt eval`: metrics of a saved policy against a reference, no training
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy(cfg: Any, location: str) -> nn.Module:
+    """A causal LM from a model folder, or base + adapter from a peft adapter folder."""
+    import json
+    from pathlib import Path
+
+    from prefopt.models import disable_dropout, load_causal_lm
+
+    adapter_cfg = Path(location) / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_causal_lm(cfg.model, base_path), location)
+    else:
+        model = load_causal_lm(cfg.model, location)
+    disable_dropout(model)
+    return model.eval()
+
+
+def eval_reference(cfg: Any, policy: nn.Module, scorer: nn.Module, device: Any) -> Reference | None:
+    """The reference for `prefopt eval`: --ref if given, else the adapter-off policy."""
+    from prefopt.errors import ConfigError
+    from prefopt.logprobs import SequenceLogprobModel
+    from prefopt.loss_registry import get_loss
+    from prefopt.models import freeze
+    from prefopt.reference import ModelReference
+
+    if not any(get_loss(n).needs_reference for n in cfg.loss.names):
+        return None
+    if cfg.reference.model:
+        ref = freeze(load_policy(cfg, cfg.reference.model))
+        return ModelReference(SequenceLogprobModel(ref).to(device), "model")
+    if hasattr(policy, "disable_adapter"):
+        return ModelReference(scorer, "adapter", peft_model=policy)
+    raise ConfigError(
+        f"loss {cfg.loss.names} needs a reference: pass --ref PATH (or a LoRA adapter folder as "
+        "--model, whose base then serves as the reference)"
+    )
+
+
+def per_pair_rows(
+    examples: Sequence[TokenizedPair], positions: Sequence[int], out: StepOutput
+) -> list[dict[str, Any]]:
+    """One JSON-able dict per pair of a batch, with its source row index and log-probs."""
+    assert out.logps is not None
+    lp = out.logps
+    rows = []
+    for j, pos in enumerate(positions):
+        rows.append(
+            {
+                "index": int(examples[pos].index),
+                "policy_chosen_logps": lp.policy_chosen[j].item(),
+                "policy_rejected_logps": lp.policy_rejected[j].item(),
+                "ref_chosen_logps": None if lp.ref_chosen is None else lp.ref_chosen[j].item(),
+                "ref_rejected_logps": None
+                if lp.ref_rejected is None
+                else lp.ref_rejected[j].item(),
+                "chosen_tokens": int(lp.chosen_tokens[j].item()),
+                "rejected_tokens": int(lp.rejected_tokens[j].item()),
+                "loss": out.losses[j].item(),
+                "reward_chosen": out.metrics["rewards/chosen"][j].item(),
+                "reward_rejected": out.metrics["rewards/rejected"][j].item(),
+            }
+        )
+    return rows
+
+
+def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics (means over pairs) and per-pair rows of `model_location` on `cfg.data.train`."""
+    from prefopt.errors import ConfigError
+    from prefopt.logprobs import SequenceLogprobModel
+    from prefopt.models import load_tokenizer
+    from prefopt.pipeline import prepare_data
+
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    )
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tokenizer)
+    if data.unpaired:
+        raise ConfigError("prefopt eval works on paired data; KTO rows have no pairs to compare")
+    policy = load_policy(cfg, model_location)
+    scorer = SequenceLogprobModel(
+        policy, response_only=cfg.train.response_only_logits, chunk_size=cfg.train.logit_chunk_size
+    ).to(device)
+    reference = eval_reference(cfg, policy, scorer, device)
+    examples: list[TokenizedPair] = list(data.train)  # type: ignore[arg-type]
+    rows: list[dict[str, Any]] = []
+    metrics = evaluate_dataset(
+        scorer, reference, examples, cfg.loss,
+        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        pad_token_id=tokenizer.pad_token_id, device=device, split="train",
+        on_batch=lambda pos, out: rows.extend(per_pair_rows(examples, pos, out)),
+    )  # fmt: skip
+    return metrics, rows

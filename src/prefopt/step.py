@@ -27,11 +27,13 @@ class StepOutput:
 
     losses: Tensor  # [B]
     metrics: dict[str, Tensor]  # name -> [B]
+    logps: PairLogps | None = None  # the log-probs behind them (paired data)
 
 
 def pair_keys(positions: Sequence[int], split: str = "train") -> list[Hashable]:
     """Row keys of a PairBatch: chosen rows first, then rejected, as `collate_pairs` lays them."""
-    return [(split, p, "chosen") for p in positions] + [(split, p, "rejected") for p in positions]
+    keys: list[Hashable] = [(split, p, "chosen") for p in positions]
+    return keys + [(split, p, "rejected") for p in positions]
 
 
 def paired_logps(
@@ -68,7 +70,7 @@ def paired_step(
     """Loss and metrics of one batch of pairs (`split` names the rows for a precomputed ref)."""
     logps = paired_logps(policy, reference, batch, positions, split)
     out = combined_loss(list(names), list(weights), logps, params)
-    return StepOutput(out.losses, pair_metrics(out, logps))
+    return StepOutput(out.losses, pair_metrics(out, logps), logps)
 
 
 @dataclass(frozen=True)
