@@ -1,0 +1,203 @@
+"""Reading rows from JSON, JSONL, CSV, Parquet, `save_to_disk` folders and (mocked) Hub ids."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefopt.data import PreferencePair, load_preference_data, read_rows
+from prefopt.data import loading as loading_module
+from prefopt.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MALFORMED = FIXTURES / "malformed"
+
+ROWS = [
+    {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+]
+PAIRS = [PreferencePair(0, "What is 2 + 2?", "4", "5"), PreferencePair(1, "Say hi.", "Hi!", "No.")]
+CONVERSATION_ROW = {
+    "prompt": [{"role": "user", "content": "hi"}],
+    "chosen": [{"role": "assistant", "content": "hello"}],
+    "rejected": [{"role": "assistant", "content": "go"}],
+}
+
+
+def test_read_json_list_and_data_key(tmp_path: Path) -> None:
+    (tmp_path / "list.json").write_text(json.dumps(ROWS))
+    assert read_rows(tmp_path / "list.json") == ROWS
+    assert read_rows(FIXTURES / "standard_data_key.json") == ROWS
+
+
+def test_read_jsonl_skips_blank_lines_and_accepts_jsonl_named_json(tmp_path: Path) -> None:
+    text = "\n".join(json.dumps(row) for row in ROWS) + "\n\n"
+    (tmp_path / "a.jsonl").write_text(text)
+    (tmp_path / "b.json").write_text(text)
+    assert read_rows(tmp_path / "a.jsonl") == ROWS
+    assert read_rows(tmp_path / "b.json") == ROWS
+
+
+def test_read_keeps_line_separator_characters_inside_text(tmp_path: Path) -> None:
+    row = {"prompt": "a\u2028b", "chosen": "c", "rejected": "d"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", "utf-8")
+    assert read_rows(tmp_path / "a.jsonl") == [row]
+
+
+def test_read_csv_keeps_values_as_text(tmp_path: Path) -> None:
+    assert read_rows(FIXTURES / "unpaired.csv") == [
+        {"prompt": "What is 2 + 2?", "completion": "4", "label": "true"},
+        {"prompt": "What is 2 + 2?", "completion": "5", "label": "False"},
+        {"prompt": "Write two lines.", "completion": "Line one,\nline two.", "label": "1"},
+    ]
+    # A byte-order mark (as Excel writes) is not part of the first column name.
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected\r\nq,a,b\r\n")
+    assert read_rows(tmp_path / "bom.csv") == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+
+
+def test_parquet_round_trip_with_messages(tmp_path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "standard.parquet")
+    examples, report = load_preference_data(tmp_path / "standard.parquet")
+    assert (examples, report.format) == (PAIRS, "standard")
+    pq.write_table(pa.Table.from_pylist([CONVERSATION_ROW]), tmp_path / "conv.parquet")
+    examples, report = load_preference_data(tmp_path / "conv.parquet")
+    assert report.format == "conversational"
+    assert examples == [
+        PreferencePair(
+            0,
+            ({"role": "user", "content": "hi"},),
+            ({"role": "assistant", "content": "hello"},),
+            ({"role": "assistant", "content": "go"},),
+        )
+    ]
+
+
+def test_unreadable_parquet(tmp_path: Path) -> None:
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot read Parquet"):
+        read_rows(tmp_path / "bad.parquet")
+
+
+def test_save_to_disk_dataset_round_trip(tmp_path: Path) -> None:
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    examples, report = load_preference_data(tmp_path / "ds")
+    assert (examples, report.format, report.source) == (PAIRS, "standard", str(tmp_path / "ds"))
+
+
+def test_save_to_disk_dataset_dict_splits(tmp_path: Path) -> None:
+    folder = tmp_path / "dd"
+    splits = {
+        "train": datasets.Dataset.from_list(ROWS),
+        "test": datasets.Dataset.from_list([CONVERSATION_ROW]),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    assert read_rows(folder) == ROWS  # default split "train"
+    assert read_rows(folder, split="test") == [CONVERSATION_ROW]
+    with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, test\)"):
+        read_rows(folder, split="dev")
+
+
+def test_folder_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
+    (tmp_path / "loose").mkdir()
+    with pytest.raises(DataError, match="not a folder written by datasets' save_to_disk"):
+        read_rows(tmp_path / "loose")
+
+
+# Malformed files: (file, row or None, field or None, part of the message)
+MALFORMED_FILES = [
+    ("invalid_json.jsonl", 2, None, "invalid JSON on line 3"),
+    ("non_utf8.jsonl", 1, "chosen", "not valid UTF-8"),
+    ("non_utf8.csv", 1, "rejected", "not valid UTF-8"),
+    ("empty.jsonl", None, None, "the file is empty"),
+    ("blank_lines.jsonl", None, None, "the file is empty"),
+    ("short_row.csv", 1, "rejected", "fewer values than header columns"),
+    ("not_an_object.json", 1, None, "expected a row object"),
+    ("unsupported.yaml", None, None, "unsupported file type '.yaml'"),
+]
+
+
+@pytest.mark.parametrize(("name", "row", "field", "fragment"), MALFORMED_FILES)
+def test_malformed_file_names_file_and_row(
+    name: str, row: int | None, field: str | None, fragment: str
+) -> None:
+    with pytest.raises(DataError) as caught:
+        read_rows(MALFORMED / name)
+    message = str(caught.value)
+    assert name in message
+    assert fragment in message
+    assert (caught.value.row, caught.value.field) == (row, field)
+    if row is not None:
+        assert f"row {row}" in message
+
+
+def test_other_json_problems(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text('[{"prompt": "a",]')
+    with pytest.raises(DataError, match=r"broken\.json: invalid JSON at line 1"):
+        read_rows(tmp_path / "broken.json")
+    (tmp_path / "scalar.json").write_text('{"rows": []}')
+    with pytest.raises(DataError, match=r"expected a list of row objects"):
+        read_rows(tmp_path / "scalar.json")
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_rows(tmp_path / "none.json")
+    (tmp_path / "long.csv").write_text("prompt,chosen\na,b,c\n")
+    with pytest.raises(DataError, match="row 0: more values than the 2 header columns"):
+        read_rows(tmp_path / "long.csv")
+
+
+def test_bad_bytes_inside_a_message_are_located(tmp_path: Path) -> None:
+    line = json.dumps(CONVERSATION_ROW).replace("hello", "hel\\u00ffo").encode()
+    (tmp_path / "m.jsonl").write_bytes(line.replace(b"\\u00ff", b"\xff") + b"\n")
+    with pytest.raises(DataError, match=r"row 0, field 'chosen\[0\]\.content': text is not"):
+        read_rows(tmp_path / "m.jsonl")
+
+
+def test_missing_local_file_is_not_sent_to_the_hub() -> None:
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file or folder"):
+        read_rows("missing.jsonl")
+    with pytest.raises(DataError, match="no such file or folder"):
+        read_rows("./not/a/hub id")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    # Port 9 on localhost refuses connections: an offline machine, without touching a network.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"some-user/prefs: .*the Hub cannot be reached"):
+        read_rows("some-user/prefs")
+    assert time.monotonic() - start < 5
+
+
+def test_offline_hub_load_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Couldn't reach 'some-user/prefs' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="offline, or not in the local cache"):
+        read_rows("some-user/prefs")
+
+
+def test_hub_dataset_is_loaded_with_its_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def fake_load(name: str, *, split: str) -> datasets.Dataset:
+        calls.append((name, split))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(loading_module, "_check_hub_dataset", lambda name: None)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    examples, report = load_preference_data("some-user/prefs", split="test_prefs")
+    assert (examples, report.source) == (PAIRS, "some-user/prefs")
+    assert read_rows("some-user/prefs") == ROWS
+    assert calls == [("some-user/prefs", "test_prefs"), ("some-user/prefs", "train")]
