@@ -42,6 +42,7 @@ def micro_step(
     device: Any,
     split: str = "train",
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_length: int | None = None,
 ) -> tuple[StepOutput, int]:
     """Collate `examples` (dataset `positions`) and run the loss; returns (output, tokens)."""
     params = loss_params(loss_cfg)
@@ -51,6 +52,7 @@ def micro_step(
             list(examples),  # type: ignore[arg-type]
             pad_token_id=pad_token_id,
             with_kl=True,
+            max_length=max_length,  # mismatched KL rows can outgrow either source row
         ).to(device)
         out = unpaired_step(scorer, reference, ex_batch, positions, params, reduce_mean, split)
         return out, int(ex_batch.attention_mask.sum().item())
@@ -74,6 +76,7 @@ def evaluate_dataset(
     split: str = "eval",
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[Sequence[int], StepOutput], None] | None = None,
+    max_length: int | None = None,
 ) -> dict[str, float]:
     """Mean metrics over `examples` in eval mode (no dropout), in order, batch by batch."""
     was_training = scorer.training
@@ -85,7 +88,7 @@ def evaluate_dataset(
             chunk = [examples[i] for i in positions]
             out, _ = micro_step(
                 scorer, reference, chunk, positions, loss_cfg,
-                pad_token_id=pad_token_id, device=device, split=split,
+                pad_token_id=pad_token_id, device=device, split=split, max_length=max_length,
             )  # fmt: skip
             acc.add(out.metrics)
             if on_batch is not None:

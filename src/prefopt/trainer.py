@@ -23,7 +23,7 @@ from prefopt.collate import collate_pairs, epoch_batches
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.errors import PrefoptError
-from prefopt.evaluate import evaluate_dataset, micro_step
+from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
@@ -123,6 +123,7 @@ def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[st
                 prepared, run.reference, [run.data.train[p] for p in positions], positions,
                 cfg.loss, pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
                 reduce_mean=lambda t: acc.reduce(t, "mean") if world > 1 else t,
+                max_length=cfg.data.max_length,
             )  # fmt: skip
             # Sum over pairs / global pair count, × world since DDP averages across processes:
             # the update equals one big batch whatever the split into micro-batches/processes.
@@ -154,6 +155,7 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
         prepared, run.reference, run.data.eval, run.cfg.loss,
         batch_size=run.cfg.eval.batch_size or run.cfg.train.batch_size,
         pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
+        max_length=run.cfg.data.max_length,
     )  # fmt: skip
 
 
