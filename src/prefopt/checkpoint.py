@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from prefopt.errors import PrefoptError
 logger = logging.getLogger(__name__)
 
 _PREFIX = "step-"
+_NAME = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -147,7 +149,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints in `root`, oldest first (temporary folders are ignored)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and _complete(p)]
+    # Only exact "step-<digits>" names: a copied "step-000010-backup" must not crash the sort.
+    done = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and _complete(p)]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -187,8 +190,13 @@ def load_checkpoint(
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing or any(n not in params for n in weights):
-        raise PrefoptError(f"checkpoint {path} does not match the model (e.g. {missing[:3]})")
+    unknown = [n for n in weights if n not in params]
+    resized = [n for n, t in weights.items() if n in params and t.shape != params[n].shape]
+    if missing or unknown or resized:
+        raise PrefoptError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+            f"unknown {unknown[:3]}, different shape {resized[:3]} (first 3 of each)"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -313,6 +313,21 @@ def _validate_numbers(cfg: ExperimentConfig) -> None:
         ("lora.dropout must be in [0, 1)", 0 <= cfg.lora.dropout < 1),
         ("eval.patience must be >= 1", cfg.eval.patience >= 1),
         ("output.keep_checkpoints must be >= 1", cfg.output.keep_checkpoints >= 1),
+        ("output.save_every must be >= 0", cfg.output.save_every >= 0),
+        ("eval.every_steps must be >= 0", cfg.eval.every_steps >= 0),
+        ("eval.batch_size must be >= 1", _at_least(cfg.eval.batch_size, 1)),
+        ("data.max_pairs must be >= 1", _at_least(cfg.data.max_pairs, 1)),
+        ("train.num_threads must be >= 1", _at_least(cfg.train.num_threads, 1)),
+        ("train.logit_chunk_size must be >= 1", cfg.train.logit_chunk_size >= 1),
+        ("optim.warmup_steps must be >= 0", cfg.optim.warmup_steps >= 0),
+        ("optim.weight_decay must be >= 0", cfg.optim.weight_decay >= 0),
+        ("optim.adam_eps must be > 0", cfg.optim.adam_eps > 0),
+        ("optim.max_grad_norm must be > 0 (or null)", _above(cfg.optim.max_grad_norm, 0)),
+        (
+            "optim.adam_betas must be two values in [0, 1)",
+            len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
+        ),
+        ("train.stop_after_steps must be >= 1", _at_least(cfg.train.stop_after_steps, 1)),
     ]
     for message, ok in checks:
         if not ok:
@@ -325,3 +340,13 @@ def _validate_numbers(cfg: ExperimentConfig) -> None:
             raise ConfigError(
                 f"output.report_to: unknown logger '{name}' (jsonl, tensorboard, wandb)"
             )
+
+
+def _at_least(value: int | None, low: int) -> bool:
+    """True for an unset optional number or one >= `low`."""
+    return value is None or value >= low
+
+
+def _above(value: float | None, low: float) -> bool:
+    """True for an unset optional number or one > `low`."""
+    return value is None or value > low

@@ -43,10 +43,13 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSour
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name)
+    if path.is_file():
+        raise ModelError(f"{path} is a file: give the model's folder (with config.json) or a .gguf")
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
             raise ModelError(f"GGUF file '{gguf_file}' not found in {path}")
-        if gguf_file is None and not (path / "config.json").is_file():
+        markers = ("config.json", "adapter_config.json", "tokenizer_config.json")
+        if gguf_file is None and not any((path / m).is_file() for m in markers):
             raise ModelError(f"{path} has no config.json: not a transformers model folder")
         return ModelSource(str(path), gguf_file)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -118,12 +121,13 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Modu
         raise _hub_error(source, exc) from None
     if source.gguf_file:
         # A dequantised GGUF is a plain float model; drop the quantizer so it saves normally.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode; callers freeze() a reference explicitly
     logger.info("loaded %s (%s, %.1f M parameters)", source.location, cfg.dtype, _millions(model))
     return model
 
@@ -172,5 +176,11 @@ def disable_dropout(model: nn.Module) -> None:
     """Set every dropout in the base model to p=0 (as DPO practice does: the policy's and the
     reference's log-probs must be comparable). LoRA's own dropout is left as configured."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, nn.Dropout):
             module.p = 0.0
+        # Llama/Qwen2-style attention applies dropout functionally with this float attribute,
+        # which no nn.Dropout module exposes.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

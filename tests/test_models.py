@@ -1,0 +1,278 @@
+"""Model sources, loading, LoRA wrapping, freezing and dropout, on tiny saved models (offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from prefopt.config import LoraConfig, ModelConfig
+from prefopt.errors import ModelError
+from prefopt.models import (
+    ModelSource,
+    apply_lora,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
+from toy import make_tokenizer
+from toy_models import make_config, make_model, save_toy_model
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+NO_HUB_ID = "prefopt-tests-no-such-org/no-such-model"
+
+
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved toy model folder per family, shared by the module (saving costs ~0.1 s each)."""
+    root = tmp_path_factory.mktemp("toy_models")
+    return {family: save_toy_model(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any Hub access fail at once; huggingface_hub reads the variable at import time."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _checkpointing(model: Any) -> bool:
+    # transformers 5 renamed the flag; 4.x only has the old name.
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+# --- resolve_source -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relative", ["./missing_model", "a/b/c", "weights.safetensors"])
+def test_missing_local_path_is_not_found(relative: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        resolve_source(str(tmp_path / relative))
+    if relative.startswith(".") or relative.count("/") > 1:
+        with pytest.raises(ModelError, match="not found"):
+            resolve_source(relative)
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_source(str(tmp_path))
+
+
+def test_existing_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelError, match="is a file"):
+        resolve_source(str(weights))
+
+
+def test_gguf_path_splits_into_folder_and_file(tmp_path: Path) -> None:
+    gguf = tmp_path / "tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)) == ModelSource(str(tmp_path), "tiny.Q4_1.gguf")
+    assert resolve_source(str(tmp_path), "tiny.Q4_1.gguf") == ModelSource(
+        str(tmp_path), "tiny.Q4_1.gguf"
+    )
+    with pytest.raises(ModelError, match="'other.gguf' not found"):
+        resolve_source(str(tmp_path), "other.gguf")
+    with pytest.raises(ModelError, match="not found"):
+        resolve_source(str(tmp_path / "absent.gguf"))
+
+
+def test_local_folder_and_hub_id(toy_dirs: dict[str, Path]) -> None:
+    assert resolve_source(str(toy_dirs["llama"])) == ModelSource(str(toy_dirs["llama"]))
+    hub = resolve_source(NO_HUB_ID)
+    assert hub == ModelSource(NO_HUB_ID, None, is_local=False)
+    assert not resolve_source("gpt2").is_local
+
+
+@pytest.mark.usefixtures("offline")
+def test_hub_id_offline_fails_with_a_clear_model_error() -> None:
+    with pytest.raises(ModelError) as info:
+        load_causal_lm(ModelConfig(name_or_path=NO_HUB_ID))
+    message = str(info.value)
+    assert NO_HUB_ID in message
+    assert "Hugging Face Hub" in message and "offline" in message
+    with pytest.raises(ModelError, match="Hugging Face Hub"):
+        load_tokenizer(ModelConfig(name_or_path=NO_HUB_ID))
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_causal_lm_from_saved_folder(family: str, toy_dirs: dict[str, Path]) -> None:
+    model = load_causal_lm(ModelConfig(name_or_path=str(toy_dirs[family])))
+    assert type(model).__name__ == CLASSES[family]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.training  # a policy is trained; references are frozen explicitly
+    assert not _checkpointing(model)
+    reference = make_model(family)  # same seed as the saved folder
+    for (name, loaded), original in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(loaded, original), name
+
+
+def test_load_with_gradient_checkpointing_and_dtype(toy_dirs: dict[str, Path]) -> None:
+    cfg = ModelConfig(name_or_path=str(toy_dirs["llama"]), gradient_checkpointing=True)
+    model: Any = load_causal_lm(cfg)
+    assert _checkpointing(model)
+    assert model.config.use_cache is False
+    bf16: Any = load_causal_lm(ModelConfig(name_or_path="unused", dtype="bfloat16"),
+                               str(toy_dirs["gpt2"]))  # fmt: skip
+    assert type(bf16).__name__ == "GPT2LMHeadModel"  # the location argument wins
+    assert bf16.transformer.wte.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_from_pretrained_kwargs(
+    trust: bool, toy_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(location: str, **kwargs: Any) -> Any:
+        seen.update(kwargs, location=location)
+        return real(location, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    folder = str(toy_dirs["llama"])
+    cfg = ModelConfig(name_or_path=folder)
+    if trust:
+        cfg.trust_remote_code = True
+    load_causal_lm(cfg)
+    assert seen["trust_remote_code"] is trust  # off unless the user turns it on
+    assert seen["local_files_only"] is True  # a local folder never reaches for the network
+    assert seen["dtype"] == torch.float32
+    assert seen["location"] == folder
+    assert "gguf_file" not in seen and "revision" not in seen
+
+
+def test_load_tokenizer_sets_a_missing_pad_to_eos(tmp_path: Path) -> None:
+    tok = make_tokenizer()
+    tok.save_pretrained(tmp_path / "with_pad")
+    loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "with_pad")))
+    assert loaded.pad_token == "<pad>" and loaded.pad_token_id == 0
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "no_pad")
+    loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "no_pad")))
+    assert loaded.pad_token == "<|im_end|>"
+    assert loaded.pad_token_id == loaded.eos_token_id == 5
+
+
+def test_load_tokenizer_from_a_separate_location(tmp_path: Path, toy_dirs: dict[str, Path]) -> None:
+    plain = make_tokenizer(chat_template=False)
+    plain.save_pretrained(tmp_path / "plain_tok")
+    cfg = ModelConfig(name_or_path=str(toy_dirs["llama"]), tokenizer=str(tmp_path / "plain_tok"))
+    assert load_tokenizer(cfg).eos_token == "</s>"
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_all_linear_trains_only_adapters(family: str) -> None:
+    model = apply_lora(make_model(family), LoraConfig(enabled=True, r=2, alpha=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert trainable, "LoRA added no adapters"
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert not any("lora_" in n for n in frozen)
+    # all-linear covers attention and MLP of both layers, but never the LM head.
+    layers = {n.split(".h.")[-1].split(".")[0] if family == "gpt2" else n.split(".layers.")[1][0]
+              for n in trainable}  # fmt: skip
+    assert layers == {"0", "1"}
+    assert any("mlp" in n for n in trainable) and any("attn" in n for n in trainable)
+    assert not any("lm_head" in n or "wte" in n or "embed" in n for n in trainable)
+
+
+def test_lora_named_targets_and_gradient_flow() -> None:
+    model = apply_lora(
+        make_model("llama"), LoraConfig(enabled=True, r=2, target_modules=["q_proj", "v_proj"])
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2  # 2 layers × 2 modules × (A, B)
+    assert all("q_proj" in n or "v_proj" in n for n in trainable)
+    ids = torch.tensor([[2, 40, 41, 42, 5]])  # [1, T]
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_lora_with_gradient_checkpointing_gets_gradients() -> None:
+    base: Any = make_model("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(base, LoraConfig(enabled=True, r=2), gradient_checkpointing=True)
+    model.train()
+    ids = torch.tensor([[2, 40, 41, 42, 5]])  # [1, T]
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+
+
+def test_bad_lora_target_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match=r"lora\.target_modules=\['nope_proj'\]"):
+        apply_lora(make_model("llama"), LoraConfig(enabled=True, target_modules=["nope_proj"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_load_in_4bit_on_cpu_is_refused() -> None:
+    with pytest.raises(ModelError, match="CUDA"):
+        apply_lora(make_model("llama"), LoraConfig(enabled=True, load_in_4bit=True))
+
+
+# --- freezing and dropout -------------------------------------------------------------------
+
+
+def test_freeze_makes_an_eval_model_without_gradients() -> None:
+    model = freeze(make_model("qwen2"))
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def _dropout_model(family: str) -> nn.Module:
+    config = make_config(family)
+    if family == "gpt2":
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.3
+    else:  # Llama/Qwen2 apply attention dropout functionally, with no nn.Dropout module
+        config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_dropout_makes_training_forward_deterministic(family: str) -> None:
+    model = _dropout_model(family)
+    model.train()
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44, 5]])  # [1, T]
+    torch.manual_seed(1)
+    first = model(input_ids=ids).logits
+    assert not torch.equal(first, model(input_ids=ids).logits), "dropout should be active"
+    disable_dropout(model)
+    assert model.training  # only the probabilities change, not the mode
+    torch.manual_seed(1)
+    again = model(input_ids=ids).logits
+    assert torch.equal(again, model(input_ids=ids).logits)
+
+
+def test_disable_dropout_keeps_lora_dropout() -> None:
+    model = apply_lora(_dropout_model("gpt2"), LoraConfig(enabled=True, r=2, dropout=0.25))
+    disable_dropout(model)
+    base = [m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout) and "lora" not in n]
+    lora = [m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout) and "lora" in n]
+    assert base and set(base) == {0.0}
+    assert lora and set(lora) == {0.25}

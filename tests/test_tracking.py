@@ -1,0 +1,104 @@
+"""Metrics tracking: JSONL lines (NaN kept visible), reading back, optional TensorBoard."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from prefopt.tracking import Progress, Tracker, read_metrics
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+def test_jsonl_lines_and_read_back(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, ["jsonl"], config={})
+    tracker.log({"step": 1, "split": "train", "loss": 0.69, "rewards/accuracies": 0.5})
+    tracker.log({"step": 2, "split": "eval", "loss": float("nan"), "grad_norm": float("inf"),
+                 "note": "spike"})  # fmt: skip
+    tracker.close()
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        json.loads(line, parse_constant=_no_bare_constants)  # strict JSON: no NaN/Infinity
+    records = read_metrics(tmp_path)
+    assert records[0] == {"step": 1, "split": "train", "loss": 0.69, "rewards/accuracies": 0.5}
+    assert records[1]["loss"] == "nan"
+    assert records[1]["grad_norm"] == "inf"
+    assert math.isnan(float(records[1]["loss"]))  # still readable as a number
+    assert records[1]["note"] == "spike"
+
+
+def _no_bare_constants(name: str) -> float:
+    raise AssertionError(f"bare {name} in metrics.jsonl is not valid JSON")
+
+
+def test_a_resumed_run_appends(tmp_path: Path) -> None:
+    Tracker(tmp_path, ["jsonl"], config={}).log({"step": 1, "loss": 1.0})
+    Tracker(tmp_path, ["jsonl"], config={}).log({"step": 2, "loss": 0.5})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_disabled_tracker_writes_nothing(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, ["jsonl", "tensorboard"], config={}, enabled=False)
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "tensorboard").exists()
+    assert read_metrics(tmp_path) == []
+
+
+def test_read_metrics_of_an_empty_run(tmp_path: Path) -> None:
+    assert read_metrics(tmp_path) == []
+    (tmp_path / "metrics.jsonl").write_text("", encoding="utf-8")
+    assert read_metrics(tmp_path) == []
+
+
+@pytest.mark.skipif(HAS_TENSORBOARD, reason="checks the fallback without tensorboard")
+def test_tensorboard_missing_warns_and_keeps_jsonl(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="prefopt.tracking"):
+        tracker = Tracker(tmp_path, ["jsonl", "tensorboard"], config={})
+    assert "pip install tensorboard" in caplog.text
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_tensorboard_writes_event_files(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, ["jsonl", "tensorboard"], config={})
+    tracker.log({"step": 3, "split": "train", "loss": 0.5, "note": "text is skipped"})
+    tracker.close()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert acc.Tags()["scalars"] == ["train/loss"]
+    (event,) = acc.Scalars("train/loss")
+    assert (event.step, event.value) == (3, 0.5)
+
+
+def test_progress_disabled_is_silent(caplog: pytest.LogCaptureFixture) -> None:
+    progress = Progress(total=3, initial=0, enabled=False)
+    progress.update({"loss": 0.5})
+    with caplog.at_level(logging.INFO, logger="prefopt.tracking"):
+        progress.write("step 1 done")
+    progress.close()
+    assert "step 1 done" in caplog.text
+
+
+def test_progress_bar_counts_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress(total=4, initial=1, enabled=True)
+    progress.update({"loss": 0.25, "rewards/accuracies": 1.0, "rewards/margins": 0.5})
+    progress.close()
+    err = capsys.readouterr().err
+    assert "2/4" in err and "loss=0.2500" in err and "acc=1.00" in err
