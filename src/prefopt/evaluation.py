@@ -34,7 +34,7 @@ def loss_params(loss_cfg: Any) -> LossParams:
 def micro_step(
     scorer: nn.Module,
     reference: Reference | None,
-    examples: Sequence[TokenizedPair] | Sequence[TokenizedExample],
+    examples: Sequence[TokenizedPair | TokenizedExample],
     positions: Sequence[int],
     loss_cfg: Any,
     *,
@@ -117,7 +117,7 @@ def load_policy(cfg: Any, location: str) -> nn.Module:
         from peft import PeftModel
 
         base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_causal_lm(cfg.model, base_path), location)
+        model: nn.Module = PeftModel.from_pretrained(load_causal_lm(cfg.model, base_path), location)
     else:
         model = load_causal_lm(cfg.model, location)
     disable_dropout(model)

@@ -7,6 +7,7 @@ models → reference (checked against the starting policy) → optimizer and sch
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Hashable, Sequence
@@ -167,7 +168,7 @@ def _precomputed(
             load_or_compute_table(
                 cache_root / name,
                 keys,
-                lambda pairs=pairs: _score_all(cfg, reference, pairs, device),
+                functools.partial(_score_all, cfg, reference, pairs, device),
             )
         )
     return PrecomputedReference(table, equals_initial_policy=not with_model)

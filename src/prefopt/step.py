@@ -73,7 +73,7 @@ def paired_step(
     return StepOutput(out.losses, pair_metrics(out, logps), logps)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _KLRows:
     input_ids: Tensor
     attention_mask: Tensor

@@ -223,7 +223,8 @@ def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
     config_yaml: str,
 ) -> TrainResult:
     cfg, acc = run.cfg, run.accelerator
-    flag, stopped_early, last, final_eval = _StopFlag(), False, {}, None
+    flag, stopped_early = _StopFlag(), False
+    last: dict[str, float] = {}
     progress = Progress(run.total_steps, state.step, cfg.output.progress and acc.is_main_process)
     batches = _effective_batches(run, state)
     stop_at = state.step + cfg.train.stop_after_steps if cfg.train.stop_after_steps else None
@@ -239,7 +240,7 @@ def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
                 _handle_non_finite(run, state, batch, values)
                 _advance(run, state)
                 continue
-            lr = run.scheduler.get_last_lr()[0]
+            lr = float(run.scheduler.get_last_lr()[0])
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -247,7 +248,7 @@ def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
             state.tokens_seen += tokens
             dt = time.perf_counter() - t0
             last = {**values, "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
-                    "elapsed_s": time.perf_counter() - start, "epoch": state.epoch}  # fmt: skip
+                    "elapsed_s": time.perf_counter() - start, "epoch": float(state.epoch)}  # fmt: skip
             tracker.log({"step": state.step, "split": "train", **last})
             progress.update(last)
             every = cfg.eval.every_steps
