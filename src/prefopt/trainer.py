@@ -190,7 +190,6 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     run = build_run(cfg)
     acc = run.accelerator
     prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
-    config_yaml = _config_yaml(cfg)
     state = TrainerState()
     if cfg.output.resume:
         ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
@@ -202,7 +201,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
         initial_eval = _eval(run, prepared)
         if initial_eval is not None:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
-    result = _loop(run, prepared, state, tracker, out_dir, config_yaml)
+    result = _Loop(run, prepared, state, tracker, out_dir).run_all()
     result.initial_eval = initial_eval
     tracker.close()
     return result
@@ -214,75 +213,112 @@ def _config_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _loop(  # noqa: C901  (the loop's steps are listed in the module docstring)
-    run: RunParts,
-    prepared: Any,
-    state: TrainerState,
-    tracker: Tracker,
-    out_dir: Path,
-    config_yaml: str,
-) -> TrainResult:
-    cfg, acc = run.cfg, run.accelerator
-    flag, stopped_early = _StopFlag(), False
-    last: dict[str, float] = {}
-    progress = Progress(run.total_steps, state.step, cfg.output.progress and acc.is_main_process)
-    batches = _effective_batches(run, state)
-    stop_at = state.step + cfg.train.stop_after_steps if cfg.train.stop_after_steps else None
-    ckpt_root = out_dir / "checkpoints"
-    start = time.perf_counter()
-    with _signals(flag):
-        while state.step < run.total_steps:
-            batch = next(batches)
-            t0 = time.perf_counter()
-            values, tokens = _train_step(run, batch, prepared)
-            if not _finite(values):
-                run.optimizer.zero_grad(set_to_none=True)
-                _handle_non_finite(run, state, batch, values)
-                _advance(run, state)
-                continue
-            lr = float(run.scheduler.get_last_lr()[0])
-            run.optimizer.step()
-            run.scheduler.step()
+class _Loop:
+    """State of one training invocation; `run()` is the loop, each method one phase of a step."""
+
+    def __init__(
+        self, run: RunParts, prepared: Any, state: TrainerState, tracker: Tracker, out_dir: Path
+    ):
+        cfg = run.cfg
+        self.run, self.prepared, self.state, self.tracker = run, prepared, state, tracker
+        self.out_dir, self.config_yaml = out_dir, _config_yaml(cfg)
+        self.flag = _StopFlag()
+        self.last: dict[str, float] = {}
+        self.main = run.accelerator.is_main_process
+        self.progress = Progress(run.total_steps, state.step, cfg.output.progress and self.main)
+        self.stop_at = (
+            state.step + cfg.train.stop_after_steps if cfg.train.stop_after_steps else None
+        )
+        self.start = time.perf_counter()
+
+    def run_all(self) -> TrainResult:
+        batches = _effective_batches(self.run, self.state)
+        stopped_early = False
+        with _signals(self.flag):
+            while self.state.step < self.run.total_steps:
+                self.optimizer_step(next(batches))
+                if self.maybe_eval():
+                    stopped_early = True
+                    break
+                self.maybe_checkpoint()
+        self.progress.close()
+        return self.finish(stopped_early)
+
+    def optimizer_step(self, batch: list[int]) -> None:
+        """Micro-batches → finite check → clip → AdamW → schedule → log."""
+        run, state = self.run, self.state
+        t0 = time.perf_counter()
+        values, tokens = _train_step(run, batch, self.prepared)
+        if not _finite(values):
             run.optimizer.zero_grad(set_to_none=True)
+            _handle_non_finite(run, state, batch, values)
             _advance(run, state)
-            state.tokens_seen += tokens
-            dt = time.perf_counter() - t0
-            last = {**values, "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
-                    "elapsed_s": time.perf_counter() - start, "epoch": float(state.epoch)}  # fmt: skip
-            tracker.log({"step": state.step, "split": "train", **last})
-            progress.update(last)
-            every = cfg.eval.every_steps
-            if every and state.step % every == 0 and state.step < run.total_steps:
-                ev = _eval(run, prepared)
-                if ev is not None:
-                    tracker.log({"step": state.step, "split": "eval", **ev})
-                    progress.write(_fmt_eval(state.step, ev))
-                    if _early_stop(run, state, ev):
-                        stopped_early = True
-                        progress.write(f"early stopping at step {state.step}")
-                        break
-            save_every = cfg.output.save_every
-            if stop_at is not None and state.step >= stop_at and state.step < run.total_steps:
-                flag.signal = 0  # a planned stop behaves like an interrupt: save and exit
-            if flag.signal is not None or (save_every and state.step % save_every == 0):
-                if acc.is_main_process:
-                    save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, state,
-                                    config_yaml, keep=cfg.output.keep_checkpoints)  # fmt: skip
-                if flag.signal is not None:
-                    progress.close()
-                    raise Interrupted(
-                        f"interrupted at step {state.step}; checkpoint saved. Continue with "
-                        f"the same command plus resume=latest"
-                    )
-    progress.close()
-    final_eval = _eval(run, prepared)
-    if final_eval is not None:
-        tracker.log({"step": state.step, "split": "eval", **final_eval})
-    if acc.is_main_process:
-        save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, state, config_yaml,
-                        keep=cfg.output.keep_checkpoints)  # fmt: skip
-        save_final(run, out_dir, final_eval or last)
-    return TrainResult(out_dir, state, None, final_eval, last, stopped_early)
+            return
+        lr = float(run.scheduler.get_last_lr()[0])
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        _advance(run, state)
+        state.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        self.last = {
+            **values,
+            "lr": lr,
+            "tokens_per_s": tokens / dt,
+            "step_time_s": dt,
+            "elapsed_s": time.perf_counter() - self.start,
+            "epoch": float(state.epoch),
+        }
+        self.tracker.log({"step": state.step, "split": "train", **self.last})
+        self.progress.update(self.last)
+
+    def maybe_eval(self) -> bool:
+        """Evaluate every `eval.every_steps`; True when early stopping says stop."""
+        every, step = self.run.cfg.eval.every_steps, self.state.step
+        if not every or step % every or step >= self.run.total_steps:
+            return False
+        ev = _eval(self.run, self.prepared)
+        if ev is None:
+            return False
+        self.tracker.log({"step": step, "split": "eval", **ev})
+        self.progress.write(_fmt_eval(step, ev))
+        if _early_stop(self.run, self.state, ev):
+            self.progress.write(f"early stopping at step {step}")
+            return True
+        return False
+
+    def save(self) -> None:
+        if self.main:
+            run = self.run
+            save_checkpoint(
+                self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
+                self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
+            )  # fmt: skip
+
+    def maybe_checkpoint(self) -> None:
+        """Checkpoint every `output.save_every`; on a signal or planned stop, save and exit."""
+        step, every = self.state.step, self.run.cfg.output.save_every
+        if self.stop_at is not None and self.stop_at <= step < self.run.total_steps:
+            self.flag.signal = 0  # a planned stop behaves like an interrupt: save and exit
+        if self.flag.signal is None and not (every and step % every == 0):
+            return
+        self.save()
+        if self.flag.signal is not None:
+            self.progress.close()
+            raise Interrupted(
+                f"interrupted at step {step}; checkpoint saved. Continue with the same "
+                "command plus resume=latest"
+            )
+
+    def finish(self, stopped_early: bool) -> TrainResult:
+        """Final eval, checkpoint and model."""
+        final_eval = _eval(self.run, self.prepared)
+        if final_eval is not None:
+            self.tracker.log({"step": self.state.step, "split": "eval", **final_eval})
+        self.save()
+        if self.main:
+            save_final(self.run, self.out_dir, final_eval or self.last)
+        return TrainResult(self.out_dir, self.state, None, final_eval, self.last, stopped_early)
 
 
 def _advance(run: RunParts, state: TrainerState) -> None:
