@@ -58,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"prefopt: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    _print_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun/accelerate launch
+        _print_summary(result)
     return 0
 
 
@@ -110,6 +111,18 @@ def _add_eval(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_report(sub: Any) -> None:
+    def cmd_report(args: argparse.Namespace) -> int:
+        from prefopt.report import cli_report
+
+        return cli_report(args.output_dir, args.samples)
+
+    p = sub.add_parser("report", help="plots, health checks and metrics of a run as HTML")
+    p.add_argument("output_dir", help="the run's output folder (holding metrics.jsonl)")
+    p.add_argument("--samples", help="JSONL of generations to show, e.g. {prompt, policy, ...}")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=0.2")
     p_train.set_defaults(func=cmd_train)
     _add_eval(sub)
+    _add_report(sub)
+    from prefopt.commands_eval import add_generate_parser, add_judge_parser, add_score_parser
+
+    add_generate_parser(sub)
+    add_judge_parser(sub)
+    add_score_parser(sub)
     return parser
 
 

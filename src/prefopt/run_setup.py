@@ -197,9 +197,9 @@ def _score_all(
     return torch.cat(out)
 
 
-def build_run(cfg: ExperimentConfig) -> RunParts:
+def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> RunParts:
     """Assemble a run from a validated config."""
-    accelerator = make_accelerator(cfg)
+    accelerator = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)

@@ -28,7 +28,7 @@ from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
 from prefopt.reference import check_reference
-from prefopt.run_setup import RunParts, build_run
+from prefopt.run_setup import RunParts, build_run, make_accelerator
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
 from prefopt.tracking import Progress, Tracker
@@ -186,9 +186,12 @@ def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -
 
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run DPO-family training as configured; returns where the output went and the metrics."""
-    out_dir = prepare_output_dir(cfg)
-    run = build_run(cfg)
-    acc = run.accelerator
+    acc = make_accelerator(cfg)
+    out_dir = Path(cfg.output.dir)
+    if acc.is_main_process:  # one process owns the folder; the others wait for it
+        out_dir = prepare_output_dir(cfg)
+    acc.wait_for_everyone()
+    run = build_run(cfg, acc)
     prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
     state = TrainerState()
     if cfg.output.resume:
