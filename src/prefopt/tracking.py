@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ class Tracker:
         self.path = output_dir / "metrics.jsonl"
         self._tb: Any = None
         self._wandb: Any = None
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+        """Called with every logged record (e.g. the health monitor)."""
         if not enabled:
             return
         if "tensorboard" in report_to:
@@ -40,6 +43,8 @@ class Tracker:
         """Append one record ({"step": n, "split": "train"|"eval", metric: value, ...})."""
         if not self.enabled:
             return
+        for observe in self.observers:
+            observe(record)
         clean = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")

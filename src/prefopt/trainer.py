@@ -8,6 +8,8 @@ eval / checkpoint / early stop → final save, report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import signal
@@ -24,14 +26,16 @@ from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
+from prefopt.health import HealthMonitor
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
 from prefopt.reference import check_reference
+from prefopt.report import HEALTH_FILE, write_report
 from prefopt.run_setup import RunParts, build_run, make_accelerator
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
-from prefopt.tracking import Progress, Tracker
+from prefopt.tracking import Progress, Tracker, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +163,14 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
     )  # fmt: skip
 
 
-def _check_reference(run: RunParts) -> None:
+def _check_reference(run: RunParts, monitor: HealthMonitor) -> None:
     if run.reference is None or not run.cfg.reference.verify or run.data.unpaired:
         return
     pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
     batch = collate_pairs(pairs, pad_token_id=run.tokenizer.pad_token_id).to(run.accelerator.device)
-    check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
+    diff = check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
+    for finding in monitor.reference_check(diff, run.reference.equals_initial_policy):
+        logger.warning("health: %s", finding)
 
 
 def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
@@ -198,16 +204,47 @@ def train(cfg: ExperimentConfig) -> TrainResult:
         ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
         state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
     tracker = Tracker(out_dir, cfg.output.report_to, to_dict(cfg), enabled=acc.is_main_process)
+    monitor = _watch_health(tracker, out_dir, resumed=state.step > 0)
     initial_eval = None
     if state.step == 0:
-        _check_reference(run)
+        _check_reference(run, monitor)
         initial_eval = _eval(run, prepared)
         if initial_eval is not None:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
     result = _Loop(run, prepared, state, tracker, out_dir).run_all()
+    if acc.is_main_process:
+        _write_health_and_report(out_dir, monitor)
     result.initial_eval = initial_eval
     tracker.close()
     return result
+
+
+def _watch_health(tracker: Tracker, out_dir: Path, *, resumed: bool) -> HealthMonitor:
+    """A health monitor fed every logged record; warnings go to the log as they appear."""
+    monitor = HealthMonitor()
+    if resumed:  # continue the trends of the interrupted run
+        for record in read_metrics(out_dir):
+            monitor.update(record)
+
+    def observe(record: dict[str, Any]) -> None:
+        for finding in monitor.update(record):
+            logger.warning("health: %s", finding)
+
+    tracker.observers.append(observe)
+    return monitor
+
+
+def _write_health_and_report(out_dir: Path, monitor: HealthMonitor) -> None:
+    """health.json and the HTML report; a plotting failure must not fail a finished run."""
+    findings = [dataclasses.asdict(f) for f in monitor.summary()]
+    (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
+    for finding in monitor.summary():
+        logger.warning("health summary: %s", finding)
+    try:
+        path = write_report(out_dir)
+        logger.info("report: %s", path)
+    except Exception as exc:  # noqa: BLE001  (the model is saved; the report is a bonus)
+        logger.warning("could not write the report: %s", exc)
 
 
 def _config_yaml(cfg: ExperimentConfig) -> str:
