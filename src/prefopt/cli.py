@@ -34,13 +34,14 @@ def _print_summary(result: object) -> None:
     from prefopt.trainer import TrainResult
 
     assert isinstance(result, TrainResult)
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+            "perplexity")  # fmt: skip
     print("\n== prefopt train: done ==")
     print(f"steps: {result.state.step}  tokens: {result.state.tokens_seen}"
           + ("  (stopped early)" if result.stopped_early else ""))  # fmt: skip
     if result.initial_eval and result.final_eval:
         print(f"{'eval metric':<22}{'before':>10}{'after':>10}")
-        for k in keys:
+        for k in (k for k in keys if k in result.final_eval and k in result.initial_eval):
             print(f"{k:<22}{result.initial_eval[k]:>10.4f}{result.final_eval[k]:>10.4f}")
     elif result.last_train:
         print("last training step: " + ", ".join(
@@ -52,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config_io import load_config
     from prefopt.trainer import Interrupted, train
 
-    cfg = load_config(args.config, args.overrides)
+    forced = ["data.sft=true", "loss.name=sft"] if args.command == "sft" else []
+    cfg = load_config(args.config, args.overrides + forced)
     try:
         result = train(cfg)
     except Interrupted as exc:
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("config", nargs="?", help="YAML config (defaults apply without one)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=0.2")
     p_train.set_defaults(func=cmd_train)
+    p_sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/response rows")
+    p_sft.add_argument("config", nargs="?", help="YAML config (same sections as train)")
+    p_sft.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_sft.set_defaults(func=cmd_train)
     _add_eval(sub)
     _add_report(sub)
     from prefopt.commands_eval import add_generate_parser, add_judge_parser, add_score_parser

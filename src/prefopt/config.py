@@ -73,6 +73,9 @@ class DataConfig:
     """Use only the first N training rows (quick experiments)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad row stops the run ("raise") or is skipped and counted ("skip")."""
+    sft: bool = False
+    """Read rows as prompt/response examples for supervised fine-tuning (set by `prefopt sft`):
+    `prompt` + `response`/`completion`/`chosen`, or `messages` ending with the assistant turn."""
 
 
 @dataclass
@@ -112,6 +115,10 @@ class ReferenceConfig:
     """Where precomputed log-probs are cached (default: ~/.cache/prefopt/ref_logps)."""
     verify: bool = True
     """At step 0, check the reference equals the starting policy where it should."""
+    offload: bool = False
+    """Strategies copy/model: keep the frozen reference in CPU memory between forwards (frees
+    its accelerator memory; costs a host↔device copy of its weights on every forward, or with
+    FSDP2/ZeRO-3 a per-layer copy of each shard). See docs/scaling.md."""
 
 
 @dataclass
@@ -230,6 +237,8 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Check values and combinations; raises ConfigError naming the field."""
         _validate_loss(self.loss)
+        if self.data.sft and self.loss.names != ["sft"]:
+            raise ConfigError(f"data.sft=true trains with loss 'sft' only, not {self.loss.names}")
         _validate_reference(self)
         _validate_numbers(self)
         if self.lora.load_in_4bit and not self.lora.enabled:

@@ -16,6 +16,7 @@ from prefopt.collate import collate_examples, collate_pairs
 from prefopt.loss_registry import LossParams
 from prefopt.metrics import MetricAccumulator
 from prefopt.reference import Reference
+from prefopt.sft import is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
 from prefopt.tokenize import TokenizedExample, TokenizedPair
 
@@ -46,6 +47,9 @@ def micro_step(
 ) -> tuple[StepOutput, int]:
     """Collate `examples` (dataset `positions`) and run the loss; returns (output, tokens)."""
     params = loss_params(loss_cfg)
+    if is_sft_batch(examples):
+        sft_batch = collate_examples(list(examples), pad_token_id=pad_token_id).to(device)  # type: ignore[arg-type]
+        return sft_step(scorer, sft_batch), sft_batch.num_tokens
     if examples and isinstance(examples[0], TokenizedExample):
         assert reference is not None, "kto needs a reference"
         ex_batch = collate_examples(

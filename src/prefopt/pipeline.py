@@ -6,6 +6,7 @@ seconds rather than after minutes of model loading.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 from prefopt.config import ExperimentConfig
 from prefopt.data import ColumnMap, load_preference_data, split_eval
 from prefopt.data.records import PreferencePair, UnpairedExample
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, TokenizationError
 from prefopt.loss_registry import LOSSES
+from prefopt.sft import load_sft_rows
 from prefopt.tokenize import (
     TokenizedExample,
     TokenizedPair,
@@ -89,7 +91,23 @@ def _check_loss_fits(cfg: ExperimentConfig, unpaired: bool, fmt: str) -> None:
         )
 
 
-def _tokenize(cfg: ExperimentConfig, tokenizer: Any, examples: list[Any]) -> tuple[Tokenized, str]:
+def _tokenize(
+    cfg: ExperimentConfig, tokenizer: Any, examples: list[Any], source: str
+) -> tuple[Tokenized, str]:
+    try:
+        return _tokenize_rows(cfg, tokenizer, examples)
+    except TokenizationError as error:
+        if error.file is not None:
+            raise
+        # The tokenizer sees rows, not files: name the file so the message locates the row.
+        raise TokenizationError(
+            error.reason, file=source, row=error.row, field=error.field
+        ) from None
+
+
+def _tokenize_rows(
+    cfg: ExperimentConfig, tokenizer: Any, examples: list[Any]
+) -> tuple[Tokenized, str]:
     kwargs: dict[str, Any] = {
         "max_length": cfg.data.max_length,
         "max_prompt_length": cfg.data.max_prompt_length,
@@ -98,32 +116,51 @@ def _tokenize(cfg: ExperimentConfig, tokenizer: Any, examples: list[Any]) -> tup
     }
     if examples and isinstance(examples[0], UnpairedExample):
         tokens, report = tokenize_examples(examples, tokenizer, **kwargs)
+        if cfg.data.sft:  # label None marks SFT rows for the step function
+            tokens = [dataclasses.replace(t, label=None) for t in tokens]
         return tokens, report.summary()
     pairs: list[PreferencePair] = examples
     tok_pairs, report = tokenize_pairs(pairs, tokenizer, **kwargs)
     return tok_pairs, report.summary()
 
 
+def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
+    """SFT rows as UnpairedExample(label=True) so splitting/tokenizing reuse the same code."""
+    rows, skipped = load_sft_rows(source, split=cfg.data.split, on_error=cfg.data.on_error)
+    examples = [UnpairedExample(i, p, r, True) for i, p, r in rows]
+    note = f"{source}: format 'sft', {len(rows) + len(skipped)} rows read, {len(rows)} kept"
+    if skipped:
+        note += f"; skipped {len(skipped)} bad rows: {skipped[:10]}"
+    return examples, "sft", note
+
+
 def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
     """Load, split and tokenize the train (and eval) data of `cfg`."""
-    train_ex, fmt, load_note = _load(cfg, cfg.data.train)
+    if cfg.data.sft:
+        return _prepare(cfg, tokenizer, _load_sft)
+    return _prepare(cfg, tokenizer, _load)
+
+
+def _prepare(cfg: ExperimentConfig, tokenizer: Any, load: Any) -> PreparedData:
+    train_ex, fmt, load_note = load(cfg, cfg.data.train)
     if cfg.data.max_pairs is not None:
         train_ex = train_ex[: cfg.data.max_pairs]
     unpaired = bool(train_ex) and isinstance(train_ex[0], UnpairedExample)
-    _check_loss_fits(cfg, unpaired, fmt)
+    if not cfg.data.sft:
+        _check_loss_fits(cfg, unpaired, fmt)
     notes = [load_note]
     eval_ex: list[Any] | None = None
     if cfg.data.eval is not None:
-        eval_ex, _, eval_note = _load(cfg, cfg.data.eval)
+        eval_ex, _, eval_note = load(cfg, cfg.data.eval)
         notes.append(eval_note)
     elif cfg.data.eval_fraction > 0:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
         notes.append(f"held out {len(eval_ex)} of the training rows for evaluation")
-    train_tok, train_note = _tokenize(cfg, tokenizer, train_ex)
+    train_tok, train_note = _tokenize(cfg, tokenizer, train_ex, cfg.data.train)
     notes.append("train: " + train_note)
     eval_tok: Tokenized | None = None
     if eval_ex:
-        eval_tok, eval_note = _tokenize(cfg, tokenizer, eval_ex)
+        eval_tok, eval_note = _tokenize(cfg, tokenizer, eval_ex, cfg.data.eval or cfg.data.train)
         notes.append("eval: " + eval_note)
     if not train_tok:
         raise ConfigError(f"no usable training rows in {cfg.data.train}:\n" + "\n".join(notes))
