@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prefopt.errors import PrefoptError
+from prefopt.sharding import shard_like, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,14 @@ def save_checkpoint(
     config_yaml: str,
     *,
     keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically and prune old ones; returns its folder."""
+    """Write a complete checkpoint atomically and prune old ones; returns its folder.
+
+    `weights` / `optimizer_state`: already gathered whole (FSDP, see
+    `sharding.gather_for_checkpoint`); by default read from `model` / `optimizer`.
+    """
     root.mkdir(parents=True, exist_ok=True)
     _check_free_space(root, model)
     final = root / f"{_PREFIX}{state.step:06d}"
@@ -110,8 +117,14 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(
+            weights if weights is not None else trainable_state(model),
+            str(tmp / "trainable.safetensors"),
+        )
+        torch.save(
+            optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+            tmp / "optimizer.pt",
+        )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -199,8 +212,9 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            params[name].copy_(shard_like(tensor, params[name]))  # FSDP: this process's shard
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))

@@ -337,6 +337,7 @@ def _validate_numbers(cfg: ExperimentConfig) -> None:
             len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
         ),
         ("train.stop_after_steps must be >= 1", _at_least(cfg.train.stop_after_steps, 1)),
+        ("train.seed must be >= 0", cfg.train.seed >= 0),
     ]
     for message, ok in checks:
         if not ok:

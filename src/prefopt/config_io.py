@@ -141,13 +141,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch 
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if abs(value) >= 2**63:  # torch/numpy take these as 64-bit (seeds, thread counts)
+            raise ConfigError(f"{where}: {value} does not fit in 64 bits")
+        return value
     if tp is float:
         number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            with contextlib.suppress(OverflowError):  # an integer beyond float range
+                number = float(value)
         elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
             with contextlib.suppress(ValueError):
                 number = float(value)

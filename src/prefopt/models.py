@@ -68,9 +68,34 @@ def _load_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
         kwargs["gguf_file"] = source.gguf_file
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    if source.is_local:
+    if source.is_local or _hub_unreachable(source.location):
         kwargs["local_files_only"] = True
     return kwargs
+
+
+HUB_TIMEOUT_S = 10.0
+"""Seconds to wait for the Hub to answer before loading a Hub id from the local cache only."""
+
+
+def _hub_unreachable(name: str) -> bool:
+    """True if the Hub does not answer about `name` (no network): then use the cache only.
+
+    from_pretrained retries an unreachable Hub with backoff for most of a minute; one question
+    with a short timeout makes an offline machine fall back to its cache (or fail) in seconds.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return False  # from_pretrained already stays local
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT_S)
+    except HfHubHTTPError:
+        return False  # the Hub answered (no such repo, gated, ...): from_pretrained says which
+    except Exception:  # DNS failure, connection refused, timeout
+        logger.warning("the Hugging Face Hub cannot be reached: looking for %s in the cache", name)
+        return True
+    return False
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelError:

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 def prepare_output_dir(cfg: ExperimentConfig) -> Path:
     """Create the output folder; refuse to mix a new run into an old one by accident."""
     out = Path(cfg.output.dir)
-    existing = out.is_dir() and any(out.iterdir())
+    # A folder holding only config.yaml is a run that failed before its first step (bad data,
+    # missing model): running again after fixing the input must not need overwrite=true.
+    existing = out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
     if existing and not cfg.output.resume and not cfg.output.overwrite:
         raise PrefoptError(
             f"output folder {out} is not empty: continue it with resume=latest, pick another "

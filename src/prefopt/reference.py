@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -55,12 +56,23 @@ class ModelReference:
         scorer: A `SequenceLogprobModel` (or anything with its forward signature).
         strategy: "copy", "model" or "adapter".
         peft_model: For "adapter": the peft model whose adapters are disabled during the pass.
+        offload: Keep the scorer on CPU and move it to the batch's device for each forward only
+            (frees its accelerator memory between forwards, at the cost of copying all its
+            weights there and back on every call).
     """
 
-    def __init__(self, scorer: nn.Module, strategy: str, peft_model: nn.Module | None = None):
+    def __init__(
+        self,
+        scorer: nn.Module,
+        strategy: str,
+        peft_model: nn.Module | None = None,
+        *,
+        offload: bool = False,
+    ):
         self.scorer = scorer
         self.strategy = strategy
         self.peft_model = peft_model
+        self.offload = offload
         self.equals_initial_policy = strategy in ("copy", "adapter")
 
     @contextlib.contextmanager
@@ -77,9 +89,21 @@ class ModelReference:
         finally:
             self.scorer.train(was_training)
 
+    @contextlib.contextmanager
+    def _placed(self, device: torch.device) -> Iterator[None]:
+        """With `offload`: the scorer on `device` for the duration of one forward, then CPU."""
+        if not self.offload:
+            yield
+            return
+        self.scorer.to(device)
+        try:
+            yield
+        finally:
+            self.scorer.to("cpu")
+
     @torch.no_grad()
     def row_logps(self, rows: Rows, keys: Sequence[Hashable] = ()) -> Tensor:
-        with self._mode():
+        with self._mode(), self._placed(rows.input_ids.device):
             logps, _ = self.scorer(rows.input_ids, rows.attention_mask, rows.response_mask)
         return logps.detach()
 
@@ -142,7 +166,9 @@ def load_or_compute_table(
         logger.warning("reference cache %s has the wrong size; recomputing", cache_file)
     values = compute()  # [K] float32
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
+    # One temporary name per process: under torchrun every process computes the same table, and
+    # a shared name let one process rename the file while another was still writing it.
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
     save_file({"logps": values.contiguous().cpu()}, str(tmp))
     tmp.replace(cache_file)
     logger.info("reference log-probs: computed %d rows, cached in %s", len(keys), cache_file)

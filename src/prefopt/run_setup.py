@@ -33,6 +33,7 @@ from prefopt.reference import (
     model_fingerprint,
     rows_fingerprint,
 )
+from prefopt.sharding import configure_accelerator, no_split_modules, shard_frozen, shards_weights
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
 
@@ -65,7 +66,9 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
-    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
+    configure_accelerator(accelerator, cfg)
+    return accelerator
 
 
 def schedule_steps(cfg: ExperimentConfig, n_train: int, world: int) -> tuple[int, int]:
@@ -110,30 +113,64 @@ def build_policy(cfg: ExperimentConfig) -> nn.Module:
 
 
 def _scorer(cfg: ExperimentConfig, model: nn.Module) -> SequenceLogprobModel:
-    return SequenceLogprobModel(
+    scorer = SequenceLogprobModel(
         model,
         response_only=cfg.train.response_only_logits,
         chunk_size=cfg.train.logit_chunk_size,
     )
+    # accelerate's FSDP auto-wrap reads the decoder-layer classes from the model it is given;
+    # without this the wrapper would be one FSDP unit (the whole model gathered at once).
+    scorer._no_split_modules = no_split_modules(model)  # type: ignore[assignment]
+    return scorer
 
 
 def build_reference(
-    cfg: ExperimentConfig, model: nn.Module, scorer: nn.Module, data: PreparedData, device: Any
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    scorer: nn.Module,
+    data: PreparedData,
+    device: Any,
+    *,
+    keep_on_cpu: bool = False,
 ) -> Reference | None:
-    """The reference of the configured strategy (before any training step)."""
+    """The reference of the configured strategy (before any training step).
+
+    `keep_on_cpu`: leave a copy/model reference in CPU memory (it is sharded onto the devices
+    later, by `prepare_reference`).
+    """
     strategy = cfg.reference_strategy()
     if strategy == "none":
         return None
     if strategy == "adapter":
         return ModelReference(scorer, "adapter", peft_model=model)
-    if strategy == "copy":
-        ref_model = freeze(copy.deepcopy(_base(model)))
-        return ModelReference(_scorer(cfg, ref_model).to(device), "copy")
-    if strategy == "model":
-        assert cfg.reference.model is not None
-        ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
-        return ModelReference(_scorer(cfg, ref_model).to(device), "model")
+    if strategy in ("copy", "model"):
+        if strategy == "copy":
+            ref_model = freeze(copy.deepcopy(_base(model)))
+        else:
+            assert cfg.reference.model is not None
+            ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
+        ref_scorer = _scorer(cfg, ref_model)
+        if not (keep_on_cpu or cfg.reference.offload):
+            ref_scorer = ref_scorer.to(device)
+        return ModelReference(ref_scorer, strategy, offload=cfg.reference.offload)
     return _precomputed(cfg, model, scorer, data, device)
+
+
+def prepare_reference(run: RunParts) -> None:
+    """Shard a copy/model reference like the policy (FSDP2, DeepSpeed); after `prepare`.
+
+    Without sharding a frozen copy would sit whole on every GPU. With `reference.offload`, the
+    shards live in CPU memory and are copied in layer by layer (FSDP2's CPUOffloadPolicy,
+    ZeRO-3's offload_param) instead of moving the whole reference for each forward.
+    """
+    ref = run.reference
+    if not isinstance(ref, ModelReference) or ref.strategy not in ("copy", "model"):
+        if run.cfg.reference.offload:
+            logger.warning("reference.offload only applies to reference strategies copy/model")
+        return
+    if shards_weights(run.accelerator):
+        ref.scorer = shard_frozen(run.accelerator, ref.scorer, offload=ref.offload)
+        ref.offload = False  # the sharding offloads (or not) shard by shard
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -205,8 +242,13 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     data = prepare_data(cfg, tokenizer)
     total, per_epoch = schedule_steps(cfg, len(data.train), accelerator.num_processes)
     model = build_policy(cfg)
-    scorer = _scorer(cfg, model).to(accelerator.device)
-    reference = build_reference(cfg, model, scorer, data, accelerator.device)
+    scorer = _scorer(cfg, model)
+    # Under FSDP/DeepSpeed, accelerate.prepare moves the shards to the GPU; moving the whole
+    # model there first would need its full size on every GPU. Precompute scores before that.
+    sharded = shards_weights(accelerator)
+    if not sharded or cfg.reference_strategy() == "precompute":
+        scorer = scorer.to(accelerator.device)
+    reference = build_reference(cfg, model, scorer, data, accelerator.device, keep_on_cpu=sharded)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,

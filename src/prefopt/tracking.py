@@ -34,6 +34,7 @@ class Tracker:
         """Called with every logged record (e.g. the health monitor)."""
         if not enabled:
             return
+        _end_torn_line(self.path)
         if "tensorboard" in report_to:
             self._tb = _tensorboard_writer(output_dir / "tensorboard")
         if "wandb" in report_to:
@@ -92,11 +93,32 @@ def _wandb_run(output_dir: Path, config: dict[str, Any]) -> Any:
 
 
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
+    """All records of a run's metrics.jsonl (a line cut short by a crash is skipped)."""
     path = output_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning(
+                "%s, line %d: not a complete record (cut by a crash?); skipped", path, number
+            )
+    return records
+
+
+def _end_torn_line(path: Path) -> None:
+    """Finish a last line cut short by a crash, so the next record starts on a line of its own."""
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as fh:
+            fh.seek(-1, 2)
+            torn = fh.read(1) != b"\n"
+        if torn:
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write("\n")
 
 
 class Progress:

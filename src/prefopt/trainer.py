@@ -20,6 +20,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
+from accelerate.utils import DistributedType
+
 from prefopt.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from prefopt.collate import collate_pairs, epoch_batches
 from prefopt.config import ExperimentConfig
@@ -32,7 +35,8 @@ from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
 from prefopt.reference import check_reference
 from prefopt.report import HEALTH_FILE, write_report
-from prefopt.run_setup import RunParts, build_run, make_accelerator
+from prefopt.run_setup import RunParts, build_run, make_accelerator, prepare_reference
+from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
 from prefopt.tracking import Progress, Tracker, read_metrics
@@ -115,13 +119,18 @@ def _micro_batches(run: RunParts, batch: list[int]) -> list[list[int]]:
 
 
 def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[str, float], int]:
-    """One optimizer step over an effective batch; returns (metrics, tokens)."""
+    """One optimizer step over an effective batch; returns (metrics, tokens of all processes)."""
     acc, cfg = run.accelerator, run.cfg
     n_global, world = len(batch), acc.num_processes
     micro = _micro_batches(run, batch)
     metrics, tokens = MetricAccumulator(), 0
+    # FSDP would keep whole (unsharded) gradients across no_sync micro-batches: reduce-scatter
+    # each one instead, trading communication for memory.
+    defer_sync = acc.distributed_type != DistributedType.FSDP
     for i, positions in enumerate(micro):
-        sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(prepared)
+        last = i == len(micro) - 1
+        acc.sync_gradients = last  # DeepSpeed steps inside backward() when this is True
+        sync = acc.no_sync(prepared) if defer_sync and not last else contextlib.nullcontext()
         with sync, acc.autocast():
             out, n_tok = micro_step(
                 prepared, run.reference, [run.data.train[p] for p in positions], positions,
@@ -136,15 +145,19 @@ def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[st
         metrics.add(out.metrics)
         tokens += n_tok
     values = metrics.compute(lambda t: acc.reduce(t.to(acc.device), "sum").cpu())
-    values["grad_norm"] = _clip(run)
+    if world > 1:  # every process counted only its own share
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
+    norm = _clip(run)
+    if norm is not None:
+        values["grad_norm"] = norm
     return values, tokens
 
 
-def _clip(run: RunParts) -> float:
+def _clip(run: RunParts) -> float | None:
     params = [p for p in run.model.parameters() if p.requires_grad]
     max_norm = run.cfg.optim.max_grad_norm
     norm = run.accelerator.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-    return float(norm)
+    return None if norm is None else float(norm)  # DeepSpeed: None when it has no norm yet
 
 
 def _finite(values: dict[str, float]) -> bool:
@@ -199,6 +212,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     acc.wait_for_everyone()
     run = build_run(cfg, acc)
     prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
+    prepare_reference(run)
     state = TrainerState()
     if cfg.output.resume:
         ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
@@ -328,11 +342,20 @@ class _Loop:
         return False
 
     def save(self) -> None:
+        run = self.run
+        if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # Periodic saves are refused up front (see sharding.configure_accelerator).
+            logger.warning("no checkpoint under DeepSpeed (its optimizer state is partitioned)")
+            return
+        # Under FSDP every process takes part in gathering whole tensors; the main one writes.
+        weights, optim = gather_for_checkpoint(
+            run.accelerator, self.prepared, run.model, run.optimizer
+        )
         if self.main:
-            run = self.run
             save_checkpoint(
                 self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
                 self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
+                weights=weights, optimizer_state=optim,
             )  # fmt: skip
 
     def maybe_checkpoint(self) -> None:
@@ -340,10 +363,17 @@ class _Loop:
         step, every = self.state.step, self.run.cfg.output.save_every
         if self.stop_at is not None and self.stop_at <= step < self.run.total_steps:
             self.flag.signal = 0  # a planned stop behaves like an interrupt: save and exit
+        # A signal may reach the processes at different steps: all stop at the first one.
+        stop = any_process(self.run.accelerator, self.flag.signal is not None)
+        if stop and self.flag.signal is None:
+            self.flag.signal = 0
         if self.flag.signal is None and not (every and step % every == 0):
             return
         self.save()
         if self.flag.signal is not None:
+            # Exit together: torchrun kills the survivors when one process exits non-zero,
+            # which could stop the main process halfway through writing the checkpoint.
+            self.run.accelerator.wait_for_everyone()
             self.progress.close()
             raise Interrupted(
                 f"interrupted at step {step}; checkpoint saved. Continue with the same "
@@ -356,8 +386,9 @@ class _Loop:
         if final_eval is not None:
             self.tracker.log({"step": self.state.step, "split": "eval", **final_eval})
         self.save()
-        if self.main:
-            save_final(self.run, self.out_dir, final_eval or self.last)
+        with whole_weights(self.run.accelerator, self.prepared):  # every process gathers
+            if self.main:
+                save_final(self.run, self.out_dir, final_eval or self.last)
         return TrainResult(self.out_dir, self.state, None, final_eval, self.last, stopped_early)
 
 

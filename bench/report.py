@@ -1,0 +1,198 @@
+"""Turn `compare.py`'s raw records into the markdown table of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from measure import BATCH, THREADS, flops_per_token
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Summary:
+    """The measured steps of one (row, tool) over its repetitions."""
+
+    steps: list[float]
+    cpu: list[float]
+    tokens: int
+    rss_gib: float
+    mfu: list[float]
+    mfu_cpu: list[float]
+    probes: list[str]
+    setup_s: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / sum(self.steps)
+
+    @property
+    def cpu_share(self) -> float | None:
+        """CPU time received ÷ (wall time × threads): 1.0 when nothing else competed."""
+        return sum(self.cpu) / sum(self.steps) / THREADS if self.cpu else None
+
+    @property
+    def tokens_per_cpu_s(self) -> float | None:
+        return self.tokens / sum(self.cpu) if self.cpu else None
+
+    @property
+    def pairs_per_s(self) -> float:
+        return BATCH * len(self.steps) / sum(self.steps)
+
+
+def summarize(records: Sequence[Record]) -> Summary | None:
+    """Pool the measured (post-warm-up) steps of successful runs; None if none succeeded."""
+    ok = [r for r in records if "result" in r]
+    if not ok:
+        return None
+    steps: list[float] = []
+    cpu: list[float] = []
+    tokens, mfu, mfu_cpu, probes = 0, [], [], []
+    for r in ok:
+        res = r["result"]
+        w = res["warmup"]
+        run_steps, run_tokens = res["step_s"][w:], sum(res["step_tokens"][w:])
+        steps += run_steps
+        cpu += res.get("step_cpu_s", [])[w:]
+        tokens += run_tokens
+        rate = (r["before"]["gflops"] + r["after"]["gflops"]) / 2
+        flops = flops_per_token(res["params"], res["variant"]) * run_tokens / sum(run_steps)
+        mfu.append(flops / (rate * 1e9))
+        run_cpu = res.get("step_cpu_s", [])[w:]
+        if run_cpu and "gflops_per_cpu_s" in r["before"]:
+            cpu_rate = (r["before"]["gflops_per_cpu_s"] + r["after"]["gflops_per_cpu_s"]) / 2
+            per_cpu_s = flops_per_token(res["params"], res["variant"]) * run_tokens / sum(run_cpu)
+            mfu_cpu.append(per_cpu_s / (cpu_rate * 1e9))
+        probes.append(f"{r['before']['gflops']:.0f}→{r['after']['gflops']:.0f}")
+    rss = max(r["result"]["peak_rss_gib"] for r in ok)
+    setup = [r["result"]["setup_s"] for r in ok]
+    return Summary(steps, cpu, tokens, rss, mfu, mfu_cpu, probes, setup)
+
+
+def _baseline(records: Sequence[Record], rec: Record, rows_with_trl: set[str]) -> list[Record]:
+    """TRL records a prefopt row compares against: its own row's, else TRL "fast" on the data."""
+    if rec["row"] in rows_with_trl:
+        return [r for r in records if r["impl"] == "trl" and r["row"] == rec["row"]]
+    return [
+        r
+        for r in records
+        if r["impl"] == "trl"
+        and r["variant"] == "fast"
+        and r["model"] == rec["model"]
+        and r["data"] == rec["data"]
+    ]
+
+
+def _line(row: str, tool: str, s: Summary | None, ratio: str) -> str:
+    if s is None:
+        return f"| {row} | {tool} | failed | | | | | | | {ratio} |"
+    spread = f" ({min(s.steps):.1f}–{max(s.steps):.1f})" if len(s.steps) > 1 else ""
+    return (
+        f"| {row} | {tool} | {statistics.mean(s.steps):.1f}{spread} | {s.tokens_per_s:.0f} | "
+        f"{s.pairs_per_s:.3f} | {s.rss_gib:.2f} | {', '.join(s.probes)} | {_cpu(s)} | "
+        f"{_mfu(s)} | {ratio} |"
+    )
+
+
+def _mfu(s: Summary) -> str:
+    wall = f"{100 * statistics.mean(s.mfu):.0f}%"
+    return f"{wall} / {100 * statistics.mean(s.mfu_cpu):.0f}%" if s.mfu_cpu else wall
+
+
+def _cpu(s: Summary) -> str:
+    if s.cpu_share is None or s.tokens_per_cpu_s is None:
+        return ""
+    return f"{100 * s.cpu_share:.0f}%, {s.tokens_per_cpu_s:.1f}"
+
+
+def _ratio(p: Summary | None, t: Summary | None) -> str:
+    if p is None or t is None:
+        return ""
+    mfu = statistics.mean(p.mfu) / statistics.mean(t.mfu)
+    if p.tokens_per_cpu_s and t.tokens_per_cpu_s:
+        cpu = p.tokens_per_cpu_s / t.tokens_per_cpu_s
+        return (
+            f"**{p.tokens_per_s / t.tokens_per_s:.2f}×** tok/s, {cpu:.2f}× tok/CPU-s, "
+            f"{p.rss_gib / t.rss_gib:.2f}× RSS"
+        )
+    return (
+        f"**{p.tokens_per_s / t.tokens_per_s:.2f}×** tok/s, {mfu:.2f}× MFU, "
+        f"{p.rss_gib / t.rss_gib:.2f}× RSS"
+    )
+
+
+def token_check(records: Sequence[Record]) -> list[str]:
+    """Compare each prefopt run's per-row token ids with a TRL run on the same data."""
+    notes, seen = [], set()
+    for p in (r for r in records if r["impl"] == "prefopt" and "result" in r):
+        key = p["data"]
+        t = next(
+            (r for r in records if r["impl"] == "trl" and "result" in r and r["data"] == key), None
+        )
+        if t is None or key in seen:
+            continue
+        seen.add(key)
+        prows, trows = p["result"]["rows"], t["result"]["rows"]
+        bad = [i for i, (a, b) in enumerate(zip(prows, trows, strict=False)) if a != b]
+        if len(prows) != len(trows):
+            bad.append(-1)
+        if bad:
+            notes.append(
+                f"- {key}: token MISMATCH on rows {bad[:10]} "
+                f"(prefopt {prows[bad[0]]}, TRL {trows[bad[0]]})"
+            )
+        else:
+            notes.append(f"- {key}: prefopt and TRL token ids identical on all {len(prows)} rows")
+    return notes
+
+
+def loss_lines(records: Sequence[Record]) -> list[str]:
+    out = []
+    for r in (r for r in records if "result" in r):
+        losses = ", ".join(f"{x:.6f}" for x in r["result"]["losses"])
+        setup = r["result"]["setup_s"]
+        out.append(
+            f"- {r['row']}, {r['impl']} {r['variant']}: losses {losses}; setup {setup:.1f} s"
+        )
+    return out
+
+
+def render_table(records: Sequence[Record], meta: dict[str, Any]) -> str:
+    """The markdown table (one line per row and tool), then token, loss and failure notes."""
+    head = [
+        f"suite {meta.get('suite')}, {meta.get('date')}: {meta.get('warmup')} warm-up + "
+        f"{meta.get('steps')} measured steps per run, {meta.get('threads')} threads, fp32",
+        "",
+        "| case | tool / config | s/step (min–max) | tokens/s | pairs/s | peak RSS GiB | matmul "
+        "GFLOP/s before→after | CPU share, tok/CPU-s | MFU wall / per CPU-s | prefopt / TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows_with_trl = {r["row"] for r in records if r["impl"] == "trl"}
+    lines = []
+    for row in dict.fromkeys(r["row"] for r in records):
+        for impl in ("prefopt", "trl"):
+            mine = [r for r in records if r["row"] == row and r["impl"] == impl]
+            if not mine:
+                continue
+            s = summarize(mine)
+            ratio = ""
+            if impl == "prefopt":
+                ratio = _ratio(s, summarize(_baseline(records, mine[0], rows_with_trl)))
+            lines.append(_line(row, f"{impl} {mine[0]['variant']}", s, ratio))
+    failures = [
+        f"- {r['row']}, {r['impl']}: {str(r['error'])[-300:]}" for r in records if "error" in r
+    ]
+    notes = [
+        "",
+        "Tokenization check:",
+        *token_check(records),
+        "",
+        "Per-run losses (warm-up step first) and setup time:",
+        *loss_lines(records),
+    ]
+    if failures:
+        notes += ["", "Failed or skipped runs:", *failures]
+    return "\n".join(head + lines + notes)

@@ -1,0 +1,157 @@
+"""Time prefopt's optimizer steps on the benchmark assets (one configuration, this process).
+
+Builds the run with the library (`build_run`), then trains sequential batches of 4 pairs (rows
+0-3, 4-7, …) exactly as `prefopt.trainer._Loop.optimizer_step` does: `_train_step` (collate,
+forward, loss, backward, clip), then AdamW, scheduler, zero_grad. The first `--warmup` steps are
+timed but not counted. Writes a `measure.RunResult` JSON to `--out`.
+
+    .venv/bin/python bench/run_prefopt.py --model smol135 --data short --variant default \\
+        --steps 2 --out /tmp/r.json
+    .venv/bin/python bench/run_prefopt.py --model smol135 --data short --profile   # where time goes
+
+Variants: default (frozen copy as reference, response-only LM head), full_logits (LM head on every
+position), precompute (reference log-probs computed once, in setup), lora (r 16, α 32,
+all-linear, no dropout; reference = adapters off), checkpointing (default + gradient
+checkpointing), prefix_sharing (needs `train.prefix_sharing`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from assets import Assets, default_root
+from measure import BATCH, BETA, LR, MAX_LENGTH, THREADS, RowTokens, RunResult, step_tokens
+
+VARIANTS: dict[str, list[str]] = {
+    "default": ["reference.strategy=copy", "train.response_only_logits=true"],
+    "full_logits": ["reference.strategy=copy", "train.response_only_logits=false"],
+    "precompute": ["reference.strategy=precompute"],
+    "lora": [
+        "lora.enabled=true",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.0",
+        "lora.target_modules=all-linear",
+        "reference.strategy=adapter",
+    ],
+    "checkpointing": ["reference.strategy=copy", "model.gradient_checkpointing=true"],
+    "prefix_sharing": ["reference.strategy=copy", "train.prefix_sharing=true"],
+}
+
+
+def has_prefix_sharing() -> bool:
+    """Whether this prefopt has the `train.prefix_sharing` config flag yet."""
+    import dataclasses
+
+    from prefopt.config import TrainConfig
+
+    return any(f.name == "prefix_sharing" for f in dataclasses.fields(TrainConfig))
+
+
+def overrides(
+    assets: Assets, model: str, data: str, variant: str, n_steps: int, tmp: Path
+) -> list[str]:
+    """The `key=value` config of one benchmark run."""
+    common = [
+        f"model.name_or_path={assets.model(model)}",
+        f"data.train={assets.data(data)}",
+        f"data.max_length={MAX_LENGTH}",
+        f"data.max_pairs={BATCH * n_steps}",
+        f"train.batch_size={BATCH}",
+        "train.grad_accum=1",
+        f"train.max_steps={n_steps}",
+        "train.group_by_length=false",
+        f"train.num_threads={THREADS}",
+        "train.device=cpu",
+        "loss.name=sigmoid",
+        f"loss.beta={BETA}",
+        f"optim.lr={LR}",
+        "optim.warmup_ratio=0",
+        "reference.verify=false",
+        f"reference.cache_dir={tmp / 'ref_logps'}",
+        "output.progress=false",
+        f"output.dir={tmp / 'out'}",
+    ]
+    return common + VARIANTS[variant]
+
+
+def train_steps(run: Any, prepared: Any, n_steps: int, result: RunResult) -> None:
+    """Sequential batches of BATCH rows, one optimizer step each, timed wall-clock."""
+    from prefopt.trainer import _train_step
+
+    for s in range(n_steps):
+        batch = list(range(s * BATCH, (s + 1) * BATCH))
+        t0, c0 = time.perf_counter(), time.process_time()
+        values, _ = _train_step(run, batch, prepared)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        result.step_s.append(time.perf_counter() - t0)
+        result.step_cpu_s.append(time.process_time() - c0)
+        result.losses.append(float(values["loss"]))
+        print(
+            f"prefopt step {s + 1}/{n_steps}: {result.step_s[-1]:.1f} s, "
+            f"loss {result.losses[-1]:.6f}",
+            flush=True,
+        )
+
+
+def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
+    """Config → run → accelerate-prepared policy; the result with setup time and row tokens."""
+    from prefopt.config_io import load_config
+    from prefopt.run_setup import build_run
+
+    n_steps = args.warmup + args.steps + (2 if args.profile else 0)
+    assets = Assets(args.root or default_root())
+    cfg = load_config(None, overrides(assets, args.model, args.data, args.variant, n_steps, tmp))
+    t0 = time.perf_counter()
+    run = build_run(cfg)
+    prepared, run.optimizer = run.accelerator.prepare(run.scorer, run.optimizer)  # as train() does
+    setup = time.perf_counter() - t0
+    rows = [RowTokens.of(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in run.data.train]
+    params = sum(p.numel() for p in run.model.parameters())
+    result = RunResult(
+        "prefopt", args.variant, args.model, args.data, params, setup, rows=rows, warmup=args.warmup
+    )
+    result.step_tokens = step_tokens(rows, n_steps)
+    return run, prepared, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smol135", choices=["smol135", "bigvocab"])
+    parser.add_argument("--data", default="short", choices=["short", "long"])
+    parser.add_argument("--variant", default="default", choices=sorted(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps")
+    parser.add_argument("--root", type=Path, default=None, help="assets root")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after warm-up, time the phases of one step and profile another",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.variant == "prefix_sharing" and not has_prefix_sharing():
+        raise SystemExit("this prefopt has no train.prefix_sharing flag yet")
+    with tempfile.TemporaryDirectory(prefix="prefopt-bench-") as tmp:
+        run, prepared, result = build(args, Path(tmp))
+        if args.profile:
+            from profile_step import profile_prefopt
+
+            train_steps(run, prepared, args.warmup, result)
+            profile_prefopt(run, prepared, first_row=args.warmup * BATCH)
+            return
+        train_steps(run, prepared, args.warmup + args.steps, result)
+    if args.out:
+        result.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

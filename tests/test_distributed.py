@@ -1,0 +1,517 @@
+"""Multi-process training on CPU (gloo): 2 processes must train like 1 process on the same batch.
+
+The references, run in this process: 1 process × batch 8 and 1 process × batch 4 × accum 2.
+Two launches of 2 real processes, each running this file as its worker script
+(`python tests/test_distributed.py {ddp,fsdp} SPEC.json`), shared through module fixtures:
+
+* torchrun (DDP, 2 × batch 4): first-step gradients; then `prefopt train` (the CLI's `main`)
+  uninterrupted, interrupted by train.stop_after_steps and resumed; then a precompute
+  reference that both processes build into one cache. Checked: per-step logged metrics, token
+  counts, final weights, gradients, exact resume.
+* `accelerate launch --config_file configs/accelerate/fsdp.yaml` (FSDP2 full shard,
+  2 × batch 2 × accum 2): gradients, a sharded (and CPU-offloaded) reference,
+  checkpoint + resume, final save.
+
+Each launch pays two Python+torch start-ups (seconds each; much more on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from prefopt.config_io import load_config
+from prefopt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "accelerate"
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+           "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm")  # fmt: skip
+STEPS = 4
+LAUNCH_TIMEOUT_S = 300
+
+
+def common(assets: dict[str, Path], out: Path) -> list[str]:
+    """Overrides shared by every run; the effective batch is 8 pairs in all of them."""
+    return [
+        f"model.name_or_path={assets['model']}",
+        f"data.train={assets['train']}",
+        f"output.dir={out}",
+        f"train.max_steps={STEPS}",
+        "optim.lr=1e-3",  # Adam amplifies float noise on ~0 gradients into lr-sized steps
+        "optim.warmup_ratio=0",
+        "output.progress=false",
+        "output.save_every=2",
+        "train.num_threads=1",
+        "train.device=cpu",  # gloo, even where GPUs are visible (2 processes may share one)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m ARGS` in its own process group, so a hang cannot leave workers behind."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the workers it started
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[:2])} hung for {LAUNCH_TIMEOUT_S} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    port = str(free_port())
+    return launch(["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                   *args], cwd)  # fmt: skip
+
+
+def check(proc: subprocess.CompletedProcess[str]) -> None:
+    """Exit 0, else fail with the processes' own error lines (not the launcher's traceback)."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    marks = ("prefopt: ", "Error", "error:", "can't")
+    errors = [x for x in lines if any(m in x for m in marks) and "ChildFailed" not in x]
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n" + "\n".join(errors[-30:])
+
+
+def train_lines(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
+
+
+def final_checkpoint(out: Path) -> Path:
+    return sorted((out / "checkpoints").glob("step-*"))[-1]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(final_checkpoint(out) / "trainable.safetensors"))
+
+
+def tokens_seen(out: Path) -> int:
+    return int(
+        json.loads((final_checkpoint(out) / "trainer_state.json").read_text())["tokens_seen"]
+    )
+
+
+def first_step_gradients(
+    overrides: list[str], make: Callable[[Any], Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Whole gradients after the first optimizer step's backward (before the update)."""
+    from prefopt.checkpoint import TrainerState
+    from prefopt.run_setup import build_run, make_accelerator, prepare_reference
+    from prefopt.sharding import full_cpu
+    from prefopt.trainer import _effective_batches, _train_step
+
+    cfg = load_config(None, [*overrides, "optim.max_grad_norm=null"])
+    acc = (make or make_accelerator)(cfg)
+    run = build_run(cfg, acc)
+    prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
+    prepare_reference(run)
+    _train_step(run, next(_effective_batches(run, TrainerState())), prepared)
+    grads = {n: full_cpu(p.grad) for n, p in run.model.named_parameters() if p.grad is not None}
+    return {n: g for n, g in grads.items() if g is not None}
+
+
+def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def assert_same_metrics(a: list[dict[str, Any]], b: list[dict[str, Any]], rel: float) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for key in METRICS:
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-6), (ra["step"], key)
+
+
+def assert_close_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float
+) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the runs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from toy_models import learnable_pairs, save_toy_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("dist")
+    return {
+        "root": root,
+        "model": save_toy_model(root / "model", "llama", seed=0),
+        "train": write_jsonl(root / "train.jsonl", learnable_pairs(32, seed=0)),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_process(assets: dict[str, Path]) -> dict[str, Path]:
+    """1 process × batch 8, and 1 process × batch 4 × accum 2, in this process."""
+    from prefopt.trainer import train
+
+    outs = {"batch8": assets["root"] / "one-batch8", "accum": assets["root"] / "one-accum"}
+    train(load_config(None, [*common(assets, outs["batch8"]), "train.batch_size=8"]))
+    train(load_config(None, [*common(assets, outs["accum"]), "train.batch_size=4",
+                             "train.grad_accum=2"]))  # fmt: skip
+    return outs
+
+
+@pytest.fixture(scope="module")
+def one_process_gradients(assets: dict[str, Path]) -> dict[str, torch.Tensor]:
+    return first_step_gradients([*common(assets, assets["root"] / "g1"), "train.batch_size=8"])
+
+
+@pytest.fixture(scope="module")
+def ddp_worker(assets: dict[str, Path]) -> dict[str, Any]:
+    """This file as torchrun's worker (2 × batch 4); its runs land in root/ddp*."""
+    root = assets["root"]
+    spec = {"common": common(assets, root / "ddp"), "root": str(root)}
+    (root / "ddp-spec.json").write_text(json.dumps(spec))
+    check(torchrun(str(Path(__file__)), "ddp", str(root / "ddp-spec.json"), cwd=ROOT))
+    return json.loads((root / "ddp-result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(assets: dict[str, Path], ddp_worker: dict[str, Any]) -> Path:
+    """The uninterrupted `prefopt train` run of the DDP worker."""
+    assert ddp_worker["exit_code"] == 0
+    return assets["root"] / "ddp"
+
+
+@pytest.fixture(scope="module")
+def fsdp_worker(assets: dict[str, Path]) -> dict[str, Any]:
+    """This file under `accelerate launch` with configs/accelerate/fsdp.yaml, 2 processes."""
+    root = assets["root"]
+    spec = {"common": common(assets, root / "fsdp"), "root": str(root)}
+    (root / "fsdp-spec.json").write_text(json.dumps(spec))
+    proc = launch(["accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+                   "--num_processes", "2", "--main_process_port", str(free_port()),
+                   "--mixed_precision", "no", str(Path(__file__)), "fsdp",
+                   str(root / "fsdp-spec.json")], ROOT)  # fmt: skip
+    check(proc)
+    result: dict[str, Any] = json.loads((root / "fsdp-result.json").read_text())
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_processes_log_the_metrics_of_one(one_process: dict[str, Path], ddp_run: Path) -> None:
+    """Logged metrics are global means: 2 × batch 4 == 1 × batch 8 == 1 × batch 4 × accum 2."""
+    batch8, accum = train_lines(one_process["batch8"]), train_lines(one_process["accum"])
+    assert_same_metrics(accum, batch8, rel=1e-5)
+    assert_same_metrics(train_lines(ddp_run), batch8, rel=1e-5)
+    assert batch8[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert batch8[-1]["loss"] < batch8[0]["loss"]  # the runs do learn
+
+
+def test_two_processes_count_every_process_tokens(
+    one_process: dict[str, Path], ddp_run: Path
+) -> None:
+    assert tokens_seen(ddp_run) == tokens_seen(one_process["batch8"]) > 0
+
+
+def test_two_processes_reach_the_weights_of_one(
+    one_process: dict[str, Path], ddp_run: Path
+) -> None:
+    # Adam turns float32 summation-order noise on near-zero gradients into lr-sized steps.
+    reference = final_weights(one_process["batch8"])
+    assert_close_weights(final_weights(ddp_run), reference, atol=5e-5)
+    assert_close_weights(final_weights(one_process["accum"]), reference, atol=5e-5)
+
+
+def test_two_processes_first_step_gradients_equal_one(
+    assets: dict[str, Path], ddp_worker: dict[str, Any], one_process_gradients: dict[str, Any]
+) -> None:
+    grads = load_file(str(assets["root"] / "ddp-grads.safetensors"))
+    assert_same_gradients(grads, one_process_gradients)
+
+
+def test_two_processes_resume_equals_uninterrupted(
+    assets: dict[str, Path], ddp_run: Path, ddp_worker: dict[str, Any]
+) -> None:
+    assert ddp_worker["exit_codes"] == [130, 0]  # interrupted (checkpoint saved), then done
+    split = assets["root"] / "ddp-split"
+    assert [p.name for p in (split / "checkpoints").glob("step-*")] != []
+    a, b = final_weights(ddp_run), final_weights(split)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert_same_metrics(train_lines(split), train_lines(ddp_run), rel=1e-6)
+    assert tokens_seen(split) == tokens_seen(ddp_run)
+
+
+def test_two_processes_share_one_precompute_cache(ddp_worker: dict[str, Any]) -> None:
+    """Both processes compute the table and write the same cache file without clashing."""
+    assert ddp_worker["precompute_exit"] == 0
+    assert ddp_worker["cache_files"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fsdp_first_step_gradients_equal_one(
+    assets: dict[str, Path], fsdp_worker: dict[str, Any], one_process_gradients: dict[str, Any]
+) -> None:
+    assert fsdp_worker["policy_sharded"] and fsdp_worker["reference_sharded"]
+    grads = load_file(str(assets["root"] / "fsdp-grads.safetensors"))
+    assert_same_gradients(grads, one_process_gradients)
+
+
+def test_fsdp_interrupted_and_resumed_matches_one_process(
+    one_process: dict[str, Path], assets: dict[str, Path], fsdp_worker: dict[str, Any]
+) -> None:
+    """Checkpoints gather the shards and resume puts them back: the run equals 1 process."""
+    assert fsdp_worker["exit_codes"] == [130, 0]
+    fsdp, batch8 = assets["root"] / "fsdp", one_process["batch8"]
+    assert_same_metrics(train_lines(fsdp), train_lines(batch8), rel=1e-5)
+    assert_close_weights(final_weights(fsdp), final_weights(batch8), atol=5e-5)
+    assert tokens_seen(fsdp) == tokens_seen(batch8)
+    saved = load_file(str(fsdp / "model" / "model.safetensors"))  # the final save: whole
+    start = load_file(str(assets["model"] / "model.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerate config files, DeepSpeed settings (no DeepSpeed installed), reference offload
+# ---------------------------------------------------------------------------------------------
+
+
+def launcher_env(name: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file configs/accelerate/NAME.yaml` exports."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # what accelerate's launch_command adds before deepspeed_launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return dict(prepare_deepspeed_cmd_env(args)[1])
+    return dict(prepare_multi_gpu_env(args))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_config_loads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    path = CONFIGS / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert path.read_text().startswith("#")  # each file explains itself
+    config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown top-level keys
+    flags = {a.dest for a in launch_command_parser()._actions}
+    for key in raw.get("fsdp_config", {}):  # accelerate launch maps these onto its flags
+        assert (key if key.startswith("fsdp") else f"fsdp_{key}") in flags, key
+    for key in raw.get("deepspeed_config", {}):
+        assert key in flags, key
+    for key, value in launcher_env(name).items():
+        monkeypatch.setenv(key, value)
+    if name == "fsdp":
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    elif name.startswith("deepspeed"):
+        ds = DeepSpeedPlugin()
+        assert ds.zero_stage == int(name[-1]) == config.deepspeed_config["zero_stage"]
+    assert config.num_processes == 8
+
+
+def fake_accelerator(distributed_type: Any, **state: Any) -> Any:
+    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(**state))
+
+
+def test_deepspeed_settings_are_filled_from_the_prefopt_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from prefopt.sharding import configure_accelerator
+
+    for key, value in launcher_env("deepspeed_zero3").items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    acc = fake_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=plugin)
+    cfg = load_config(None, ["train.batch_size=3", "train.grad_accum=5", "optim.max_grad_norm=0.5"])
+    configure_accelerator(acc, cfg)
+    ds = plugin.deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 1  # prefopt accumulates the 5 itself
+    assert ds["gradient_clipping"] == 0.5
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        configure_accelerator(acc, load_config(None, ["output.save_every=10"]))
+
+
+def test_fsdp_version_1_is_refused() -> None:
+    from accelerate.utils import DistributedType
+
+    from prefopt.sharding import configure_accelerator
+
+    acc = fake_accelerator(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        configure_accelerator(acc, load_config(None, []))
+
+
+class _Recorder(torch.nn.Module):
+    """A scorer that records where it is moved and scores every row 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.moves: list[str] = []
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.moves.append(str(args[0]))
+        return super().to(*args, **kwargs)
+
+    def forward(self, ids: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.zeros(ids.shape[0]) + self.weight, None
+
+
+def test_reference_offload_moves_the_reference_only_around_a_forward() -> None:
+    from prefopt.reference import ModelReference
+
+    ones = torch.ones(2, 3)
+    rows = SimpleNamespace(input_ids=ones.long(), attention_mask=ones, response_mask=ones.bool())
+    offloaded, kept = _Recorder(), _Recorder()
+    ModelReference(offloaded, "copy", offload=True).row_logps(rows)
+    ModelReference(kept, "copy").row_logps(rows)
+    assert offloaded.moves == ["cpu", "cpu"]  # to the batch's device, then back to CPU
+    assert kept.moves == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs inside the launched processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _cli(overrides: list[str]) -> int:
+    from prefopt.cli import main
+
+    return main(["train", *overrides])
+
+
+def _ddp_worker(spec: dict[str, Any]) -> None:
+    root, run = Path(spec["root"]), [*spec["common"], "train.batch_size=4"]
+    grads = first_step_gradients([*run, f"output.dir={root}/ddp-g"])
+    code = _cli(run)
+    split = [*run, f"output.dir={root}/ddp-split"]
+    codes = [_cli([*split, "train.stop_after_steps=2"]), _cli([*split, "resume=latest"])]
+    cache = root / "ref-cache"
+    pre = _cli([*run, "train.max_steps=1", f"output.dir={root}/ddp-pre",
+                "reference.strategy=precompute", f"reference.cache_dir={cache}"])  # fmt: skip
+    if _rank() == 0:
+        save_file(grads, str(root / "ddp-grads.safetensors"))
+        result = {"exit_code": code, "exit_codes": codes, "precompute_exit": pre,
+                  "cache_files": len(list(cache.glob("*.safetensors")))}  # fmt: skip
+        (root / "ddp-result.json").write_text(json.dumps(result))
+
+
+def _force_fsdp2() -> tuple[Callable[[Any], Any] | None, str]:
+    """A make_accelerator that runs accelerate's FSDP2 path on CPU, or (None, why not).
+
+    accelerate enables FSDP only for GPU-like process types: in AcceleratorState the
+    ACCELERATE_USE_FSDP branch sits under `distributed_type in [MULTI_GPU, MULTI_NPU, ...]`,
+    so on CPU (MULTI_CPU) it is ignored and training silently runs as DDP. torch's FSDP2
+    (`fully_shard`) itself works on CPU with gloo, so this switches the state to FSDP after
+    construction, with the plugin read from the FSDP_* variables that `accelerate launch
+    --config_file configs/accelerate/fsdp.yaml` exported.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import prefopt.run_setup as rs
+    from prefopt.sharding import configure_accelerator
+
+    if os.environ.get("ACCELERATE_USE_FSDP") != "true":
+        return None, "accelerate launch did not export ACCELERATE_USE_FSDP=true"
+    real = rs.make_accelerator
+
+    def make(cfg: Any) -> Any:
+        acc = real(cfg)
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables
+        acc.state.distributed_type = DistributedType.FSDP
+        # Each new AcceleratorState() re-reads PartialState's copy (as real FSDP runs set it).
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        configure_accelerator(acc, cfg)
+        return acc
+
+    return make, ""
+
+
+def _fsdp_worker(spec: dict[str, Any]) -> None:
+    import prefopt.trainer as trainer
+    from prefopt.sharding import is_dtensor
+
+    root = Path(spec["root"])
+    make, why = _force_fsdp2()
+    if make is None:
+        if _rank() == 0:
+            (root / "fsdp-result.json").write_text(json.dumps({"skip": why}))
+        return
+    trainer.make_accelerator = make  # type: ignore[assignment]
+    seen: dict[str, bool] = {}
+    real_prepare = trainer.prepare_reference
+
+    def spy(run: Any) -> None:
+        real_prepare(run)
+        seen["policy_sharded"] = all(is_dtensor(p) for p in run.scorer.parameters())
+        seen["reference_sharded"] = all(is_dtensor(p) for p in run.reference.scorer.parameters())
+
+    trainer.prepare_reference = spy  # type: ignore[assignment]
+    run = [*spec["common"], "train.batch_size=2", "train.grad_accum=2"]
+    grads = first_step_gradients([*run, f"output.dir={root}/fsdp-g"], make)
+    run.append("reference.offload=true")  # its shards in CPU memory: same numbers
+    codes = [_cli([*run, "train.stop_after_steps=2"]), _cli([*run, "resume=latest"])]
+    if _rank() == 0:
+        save_file(grads, str(root / "fsdp-grads.safetensors"))
+        (root / "fsdp-result.json").write_text(json.dumps({"exit_codes": codes, **seen}))
+
+
+if __name__ == "__main__":  # worker: python tests/test_distributed.py {ddp,fsdp} SPEC.json
+    torch.set_num_threads(1)
+    worker = {"ddp": _ddp_worker, "fsdp": _fsdp_worker}[sys.argv[1]]
+    worker(json.loads(Path(sys.argv[2]).read_text()))
