@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError
 from prefopt.trainer import Interrupted, TrainResult, train
+from toy_models import learnable_pairs, save_toy_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
