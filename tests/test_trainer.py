@@ -131,16 +131,26 @@ def test_separate_reference_model(assets: dict[str, Path], tmp_path: Path, caplo
 def test_precomputed_reference_matches_copy_and_is_cached(assets: dict[str, Path], tmp_path: Path):
     cache = tmp_path / "cache"
     copy = run(assets, tmp_path / "a", "train.max_steps=4")
-    pre = run(assets, tmp_path / "b", "train.max_steps=4", "reference.strategy=precompute",
-              f"reference.cache_dir={cache}")  # fmt: skip
+    pre = run(
+        assets,
+        tmp_path / "b",
+        "train.max_steps=4",
+        "reference.strategy=precompute",
+        f"reference.cache_dir={cache}",
+    )
     assert len(list(cache.glob("*.safetensors"))) == 2  # train and eval tables
     assert pre.initial_eval is not None and copy.initial_eval is not None
     for key in ("loss", "rewards/margins"):
         assert pre.initial_eval[key] == pytest.approx(copy.initial_eval[key], abs=1e-5)
         assert pre.final_eval[key] == pytest.approx(copy.final_eval[key], abs=1e-4)
     mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
-    run(assets, tmp_path / "c", "train.max_steps=1", "reference.strategy=precompute",
-        f"reference.cache_dir={cache}")  # fmt: skip
+    run(
+        assets,
+        tmp_path / "c",
+        "train.max_steps=1",
+        "reference.strategy=precompute",
+        f"reference.cache_dir={cache}",
+    )
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes  # reused
 
 
@@ -167,8 +177,14 @@ def test_kto_on_unpaired_data(assets: dict[str, Path], tmp_path: Path):
         rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
         rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
     data = write_jsonl(tmp_path / "kto.jsonl", rows)
-    result = run(assets, tmp_path / "out", "loss.name=kto", f"data.train={data}",
-                 f"data.eval={data}", "train.max_steps=12")  # fmt: skip
+    result = run(
+        assets,
+        tmp_path / "out",
+        "loss.name=kto",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "train.max_steps=12",
+    )
     assert result.final_eval is not None and result.initial_eval is not None
     assert result.final_eval["loss"] < result.initial_eval["loss"]
     assert result.final_eval["rewards/chosen"] > result.final_eval["rewards/rejected"]
@@ -195,9 +211,17 @@ def _gradients(
     from prefopt.run_setup import build_run
     from prefopt.trainer import _train_step
 
-    cfg = load_config(None, [f"model.name_or_path={assets['model']}", f"data.train={assets['train']}",
-                             f"output.dir={out}", f"train.batch_size={batch}",
-                             f"train.grad_accum={accum}", "optim.max_grad_norm=null"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={assets['model']}",
+            f"data.train={assets['train']}",
+            f"output.dir={out}",
+            f"train.batch_size={batch}",
+            f"train.grad_accum={accum}",
+            "optim.max_grad_norm=null",
+        ],
+    )
     parts = build_run(cfg)
     _train_step(parts, [0, 5, 9, 13], parts.scorer)
     return {n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None}
@@ -212,8 +236,13 @@ def test_grad_accumulation_gradient_equals_big_batch_gradient(assets: dict[str, 
 
 
 def test_resume_equals_uninterrupted(assets: dict[str, Path], tmp_path: Path):
-    common = ("lora.enabled=true", "lora.dropout=0.1", "train.max_steps=6", "optim.scheduler=cosine",
-              "optim.warmup_steps=2")  # fmt: skip
+    common = (
+        "lora.enabled=true",
+        "lora.dropout=0.1",
+        "train.max_steps=6",
+        "optim.scheduler=cosine",
+        "optim.warmup_steps=2",
+    )
     run(assets, tmp_path / "full", *common)
     with pytest.raises(Interrupted):
         run(assets, tmp_path / "split", *common, "train.stop_after_steps=4")
