@@ -86,9 +86,10 @@ def _baseline(records: Sequence[Record], rec: Record, rows_with_trl: set[str]) -
     ]
 
 
-def _line(row: str, tool: str, s: Summary | None, ratio: str) -> str:
+def _line(row: str, tool: str, s: Summary | None, ratio: str, error: str = "") -> str:
     if s is None:
-        return f"| {row} | {tool} | failed | | | | | | | {ratio} |"
+        why = error if error.startswith("TODO") else "failed (see below)"
+        return f"| {row} | {tool} | {why} | | | | | | | {ratio} |"
     spread = f" ({min(s.steps):.1f}–{max(s.steps):.1f})" if len(s.steps) > 1 else ""
     return (
         f"| {row} | {tool} | {statistics.mean(s.steps):.1f}{spread} | {s.tokens_per_s:.0f} | "
@@ -181,9 +182,12 @@ def render_table(records: Sequence[Record], meta: dict[str, Any]) -> str:
             ratio = ""
             if impl == "prefopt":
                 ratio = _ratio(s, summarize(_baseline(records, mine[0], rows_with_trl)))
-            lines.append(_line(row, f"{impl} {mine[0]['variant']}", s, ratio))
+            error = str(mine[0].get("error", ""))
+            lines.append(_line(row, f"{impl} {mine[0]['variant']}", s, ratio, error))
     failures = [
-        f"- {r['row']}, {r['impl']}: {str(r['error'])[-300:]}" for r in records if "error" in r
+        f"- {r['row']}, {r['impl']}: {str(r['error'])[-300:]}"
+        for r in records
+        if "error" in r and not str(r["error"]).startswith("TODO")
     ]
     notes = [
         "",
