@@ -88,6 +88,32 @@ def response_logprobs(
     rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]  # [M]
     hidden = hidden_states[:, :-1][mask]  # [M, H]
     targets = input_ids[:, 1:][mask]  # [M]
+    token_logps = chunked_token_logps(
+        hidden,
+        targets,
+        lm_head,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        checkpoint_chunks=checkpoint_chunks,
+    )  # [M] float32
+    logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, rows, token_logps)  # [N]
+    return logps, mask.sum(-1)
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    targets: Tensor,
+    lm_head: nn.Module,
+    *,
+    chunk_size: int,
+    softcap: float | None,
+    checkpoint_chunks: bool,
+) -> Tensor:
+    """log p(target) for [M, H] gathered hidden states, LM head run chunk by chunk → [M] fp32.
+
+    Shared by the two-pass and the prefix-shared paths, which differ only in how they gather.
+    """
     pieces = []
     # At least one (possibly empty) chunk, so the result stays attached to the graph even when
     # no row has a response token (backward then gives zero gradients instead of failing).
@@ -98,10 +124,7 @@ def response_logprobs(
         else:
             piece = _chunk_token_logps(*args, lm_head, softcap)
         pieces.append(piece)
-    token_logps = torch.cat(pieces)  # [M] float32
-    logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, rows, token_logps)  # [N]
-    return logps, mask.sum(-1)
+    return torch.cat(pieces)  # [M]
 
 
 class SequenceLogprobModel(nn.Module):

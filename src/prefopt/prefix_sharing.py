@@ -30,15 +30,14 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from prefopt.collate import PairBatch, collate_pairs
 from prefopt.logprobs import (
     SequenceLogprobModel,
     _causal_lm,
-    _chunk_token_logps,
     _decoder_and_head,
     _plain_head,
+    chunked_token_logps,
 )
 from prefopt.tokenize import TokenizedPair
 
@@ -216,16 +215,14 @@ def gathered_token_logps(
         [M] float32 token log-probs.
     """
     hidden = hidden_states[rows, sources]  # [M, H]
-    pieces = []
-    # At least one (possibly empty) chunk, so the result stays attached to the graph.
-    for start in range(0, max(hidden.shape[0], 1), chunk_size):
-        args = (hidden[start : start + chunk_size], targets[start : start + chunk_size])
-        if checkpoint_chunks and torch.is_grad_enabled():
-            piece = checkpoint(_chunk_token_logps, *args, lm_head, softcap, use_reentrant=False)
-        else:
-            piece = _chunk_token_logps(*args, lm_head, softcap)
-        pieces.append(piece)
-    return torch.cat(pieces)  # [M]
+    return chunked_token_logps(
+        hidden,
+        targets,
+        lm_head,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        checkpoint_chunks=checkpoint_chunks,
+    )  # [M]
 
 
 def _additive_mask(mask: Tensor, lm: nn.Module) -> Tensor:
