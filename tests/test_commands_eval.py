@@ -211,3 +211,28 @@ def test_errors_print_one_line(assets, tmp_path: Path, capsys, argv, message: st
     assert main([*filled, "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "prefopt: error:" in err and message in err and "Traceback" not in err
+
+
+def test_eval_judges_and_scores_pairs_in_one_report(assets, tmp_path: Path, capsys) -> None:
+    """`eval --data --prompts`: preference metrics and the judge report side by side; the judge
+    part equals what `prefopt judge` reports for the same seeds."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "hello", "chosen": "the cat is good .", "rejected": "the sun ."},
+        {"prompt": "is the sun hot ?", "chosen": "yes .", "rejected": "the cat"},
+    ])  # fmt: skip
+    common = [
+        *("--model", str(assets["adapter"]), "--prompts", str(assets["prompts"])),
+        *("--judge", "length", *SAMPLING),
+    ]
+    both, alone = tmp_path / "m.json", tmp_path / "j.json"
+    assert main(["eval", "--data", str(data), "--output", str(both), *common]) == 0
+    assert main(["judge", "--output", str(alone), *common]) == 0
+    report = json.loads(both.read_text())
+    assert report["num_pairs"] == 2 and {"loss", "rewards/accuracies"} <= set(report)
+    assert report["judge"] == json.loads(alone.read_text())
+    assert "policy vs reference" in capsys.readouterr().out
+
+
+def test_eval_needs_data_or_prompts(assets, capsys) -> None:
+    assert main(["eval", "--model", str(assets["base"])]) == 2
+    assert "--data" in capsys.readouterr().err

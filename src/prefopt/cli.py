@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from prefopt.errors import PrefoptError
+from prefopt.errors import ConfigError, PrefoptError
 
 logger = logging.getLogger("prefopt")
 
@@ -66,9 +66,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Preference metrics on `--data`, and/or judged samples on `--prompts`, into one report."""
     import json
     from pathlib import Path
 
+    if not args.model:
+        raise ConfigError("--model is required")
+    if not args.data and not args.prompts:
+        raise ConfigError("give --data (preference metrics), --prompts (judge win rate), or both")
+    report: dict[str, Any] = {}
+    if args.data:
+        metrics, rows = _preference_metrics(args)
+        report.update(metrics)
+        print(json.dumps(metrics, indent=2))
+        if args.per_pair:
+            Path(args.per_pair).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.prompts:
+        from prefopt.commands_judge import judge_vs_reference, make_judges
+
+        args.batch_size = args.batch_size or 8
+        args.dtype = args.dtype or "float32"
+        report["judge"], lines = judge_vs_reference(args, make_judges(args.judge))
+        print("\n".join(lines))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _preference_metrics(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`run_eval` on --data with a config made of the flags: means and per-pair rows."""
     from prefopt.config_io import load_config
     from prefopt.evaluation import run_eval
 
@@ -82,33 +108,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     if args.ref:
         overrides.append(f"reference.model={args.ref}")
+    if args.dtype:  # only when given: a --config may set it
+        overrides.append(f"model.dtype={args.dtype}")
     if args.max_length:
         overrides.append(f"data.max_length={args.max_length}")
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     cfg = load_config(args.config, overrides + args.overrides)
-    metrics, rows = run_eval(cfg, args.model)
-    text = json.dumps(metrics, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    if args.per_pair:
-        Path(args.per_pair).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(text)
-    return 0
+    return run_eval(cfg, args.model)
 
 
 def _add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="preference metrics of a model against a reference")
-    p.add_argument("--model", required=True, help="policy: model folder or LoRA adapter folder")
-    p.add_argument("--ref", help="reference model (default: the adapter's base, if --model is one)")
-    p.add_argument("--data", required=True, help="preference data file")
+    from prefopt.cli_models import add_model_args, add_sampling_args
+    from prefopt.commands_judge import add_judge_args
+
+    p = sub.add_parser(
+        "eval",
+        help="preference metrics and/or judge win rate of a model against its reference",
+        description="With --data: the loss's metrics on preference pairs (no training). With "
+        "--prompts: policy and reference sample the same prompts, judges score both, and the "
+        "win rate (95%% interval) and a KL estimate are reported. Both may be given.",
+    )
+    add_model_args(p)
+    p.set_defaults(batch_size=None, dtype=None)  # unset: the --config's values apply
+    p.add_argument("--data", help="preference data file")
     p.add_argument("--loss", default="sigmoid", help="loss name, or [a, b] for a combination")
     p.add_argument("--beta", type=float, default=0.1, help="beta of the loss")
     p.add_argument("--max-length", type=int, help="token limit per row (data.max_length)")
-    p.add_argument("--batch-size", type=int, help="pairs per forward pass")
-    p.add_argument("--output", help="write mean metrics JSON here")
+    p.add_argument("--output", help="write the report (JSON) here")
     p.add_argument("--per-pair", help="write one JSON line per pair here")
     p.add_argument("--config", help="YAML config for anything else")
+    add_sampling_args(p, prompts_required=False)
+    add_judge_args(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=cmd_eval)
 
