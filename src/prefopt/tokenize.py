@@ -32,14 +32,21 @@ at all (no EOS; conversational data but no chat template) raises whatever `on_er
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from prefopt.data.records import Message, PreferencePair, Text, UnpairedExample, is_conversational
+from prefopt.data.records import PreferencePair, Text, UnpairedExample, is_conversational
 from prefopt.errors import ConfigError, TokenizationError
+from prefopt.tokenized import TokenizedExample, TokenizedPair, TokenizeReport
+from prefopt.tokenizer_info import (
+    RowError,
+    TokenizerInfo,
+    inspect_tokenizer,
+    render_prompt,
+    render_response,
+)
 
 __all__ = [
     "TokenizeReport",
@@ -55,193 +62,8 @@ __all__ = [
 OnError = Literal["raise", "skip"]
 
 
-@dataclass(frozen=True)
-class TokenizedPair:
-    """A preference pair as token ids.
-
-    Attributes:
-        index: Source row index.
-        prompt_ids: Prompt tokens, including BOS (exactly one, if the tokenizer uses one) and the
-            chat template's generation prompt.
-        chosen_ids: Chosen response tokens only, ending with EOS exactly once (unless truncated).
-        rejected_ids: Rejected response tokens, same rules.
-        truncated: Whether the prompt or a response was cut to fit the length limits.
-    """
-
-    index: int
-    prompt_ids: tuple[int, ...]
-    chosen_ids: tuple[int, ...]
-    rejected_ids: tuple[int, ...]
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """An unpaired (KTO) or SFT example as token ids.
-
-    Attributes:
-        index: Source row index.
-        prompt_ids: Prompt tokens, as in `TokenizedPair`.
-        completion_ids: Completion tokens, ending with EOS exactly once (unless truncated).
-        label: True if desirable, False if undesirable (KTO); None for SFT.
-        truncated: Whether the prompt or the completion was cut to fit the length limits.
-    """
-
-    index: int
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[int, ...]
-    label: bool | None = None
-    truncated: bool = False
-
-
-@dataclass
-class TokenizeReport:
-    """What tokenizing a dataset did, with the rows affected.
-
-    Attributes:
-        rows: Rows seen.
-        kept: Rows tokenized successfully.
-        truncated: Indices of kept rows that were truncated.
-        dropped: Reason -> indices of rows dropped for it (only with `on_error="skip"`).
-        boundary_fixed: Indices of rows whose response was encoded apart from the prompt because
-            a token merged across the prompt/response boundary.
-        bos_token: The tokenizer's BOS token, if any.
-        bos_token_id: Its id.
-        adds_bos: Whether a BOS is prepended (the tokenizer adds one with special tokens).
-        eos_token: The EOS token ending each response.
-        eos_token_id: Its id.
-        chat_template: Whether the chat template was applied to plain-text rows.
-    """
-
-    rows: int = 0
-    kept: int = 0
-    truncated: list[int] = field(default_factory=list)
-    dropped: dict[str, list[int]] = field(default_factory=dict)
-    boundary_fixed: list[int] = field(default_factory=list)
-    bos_token: str | None = None
-    bos_token_id: int | None = None
-    adds_bos: bool = False
-    eos_token: str | None = None
-    eos_token_id: int | None = None
-    chat_template: bool = False
-
-    def drop(self, reason: str, index: int) -> None:
-        self.dropped.setdefault(reason, []).append(index)
-
-    def summary(self) -> str:
-        """A few human-readable lines: counts, special tokens, dropped rows by reason."""
-        bos = f"BOS {self.bos_token!r} (id {self.bos_token_id})" if self.adds_bos else "no BOS"
-        lines = [
-            f"tokenized {self.rows} rows: {self.kept} kept, {len(self.truncated)} truncated, "
-            f"{len(self.boundary_fixed)} boundary fixed; {bos}, "
-            f"EOS {self.eos_token!r} (id {self.eos_token_id}); "
-            f"chat template {'on' if self.chat_template else 'off'}"
-        ]
-        for label, rows in [("truncated", self.truncated), ("boundary fixed", self.boundary_fixed)]:
-            if rows:
-                lines.append(f"  {label}: rows {_row_list(rows)}")
-        for reason, rows in self.dropped.items():
-            lines.append(f"  dropped {len(rows)} ({reason}): rows {_row_list(rows)}")
-        return "\n".join(lines)
-
-
-def _row_list(rows: list[int], limit: int = 10) -> str:
-    head = ", ".join(str(r) for r in rows[:limit])
-    return head if len(rows) <= limit else f"{head}, … ({len(rows) - limit} more)"
-
-
-class _RowError(TokenizationError):
-    """A row-level failure: raised, or under `on_error="skip"` counted under `code`."""
-
-    def __init__(self, code: str, message: str, *, row: int, field: str | None = None) -> None:
-        super().__init__(message, row=row, field=field)
-        self.code = code
-
-
-@dataclass
-class _Info:
-    """What the tokenizer does, found once per dataset."""
-
-    tokenizer: PreTrainedTokenizerBase
-    bos_id: int | None
-    eos_id: int
-    adds_bos: bool
-    use_template: bool
-    blank: dict[int, bool] = field(default_factory=dict)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def with_bos(self, ids: list[int]) -> list[int]:
-        # The guard against double BOS: a template that writes BOS already produced it.
-        if self.adds_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            return [self.bos_id, *ids]
-        return ids
-
-    def is_blank(self, token_id: int) -> bool:
-        if token_id not in self.blank:
-            text = self.tokenizer.decode([token_id])
-            self.blank[token_id] = isinstance(text, str) and text.strip() == ""
-        return self.blank[token_id]
-
-
-def _inspect(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool | None) -> _Info:
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise TokenizationError(
-            "the tokenizer has no EOS token, so responses cannot be ended; set tokenizer.eos_token"
-        )
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template and not has_template:
-        raise TokenizationError(
-            "use_chat_template=True, but the tokenizer has no chat template: set one "
-            "(tokenizer.chat_template) or use plain text"
-        )
-    bos_id = tokenizer.bos_token_id
-    # Probe whether the tokenizer prepends BOS itself (Llama: yes; GPT-2, Qwen2, SmolLM2: no).
-    plain = list(tokenizer("hello", add_special_tokens=False)["input_ids"])
-    special = list(tokenizer("hello", add_special_tokens=True)["input_ids"])
-    adds_bos = bos_id is not None and special[:1] == [bos_id] and plain[:1] != [bos_id]
-    use = has_template if use_chat_template is None else use_chat_template
-    return _Info(tokenizer, bos_id, int(eos_id), adds_bos, use)
-
-
-def _as_messages(value: Text, role: str) -> list[Message]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
-def _render_chat(
-    info: _Info, prompt: Text, prompt_text: str, response: Text, index: int, name: str
-) -> str:
-    """Response text = what the full conversation adds after the generation-prompt rendering."""
-    messages = _as_messages(prompt, "user") + _as_messages(response, "assistant")
-    full_text = info.tokenizer.apply_chat_template(messages, tokenize=False)
-    assert isinstance(full_text, str)
-    if not full_text.startswith(prompt_text):
-        raise _RowError(
-            "template_prefix",
-            "the chat template renders the prompt (with add_generation_prompt=True) as text that "
-            "is not a prefix of the full conversation, so the response cannot be separated; "
-            "use a template whose generation prompt matches the assistant turn",
-            row=index,
-            field=name,
-        )
-    return full_text[len(prompt_text) :]
-
-
-def _prompt_text(info: _Info, prompt: Text) -> str:
-    if not info.use_template:
-        assert isinstance(prompt, str)
-        return prompt
-    text = info.tokenizer.apply_chat_template(
-        _as_messages(prompt, "user"), tokenize=False, add_generation_prompt=True
-    )
-    assert isinstance(text, str)
-    return text
-
-
 def _encode_row(
-    info: _Info, index: int, prompt: Text, responses: dict[str, Text]
+    info: TokenizerInfo, index: int, prompt: Text, responses: dict[str, Text]
 ) -> tuple[list[int], dict[str, list[int]], bool]:
     """Ids of the prompt and of each named response; True if a boundary had to be fixed."""
     conversational = any(is_conversational(v) for v in (prompt, *responses.values()))
@@ -252,17 +74,19 @@ def _encode_row(
             row=index,
         )
     if conversational and not info.use_template:
-        info = _Info(info.tokenizer, info.bos_id, info.eos_id, info.adds_bos, True, info.blank)
-    prompt_text = _prompt_text(info, prompt)
+        info = TokenizerInfo(
+            info.tokenizer, info.bos_id, info.eos_id, info.adds_bos, True, info.blank
+        )
+    prompt_text = render_prompt(info, prompt)
     prompt_ids = info.with_bos(info.encode(prompt_text))
     if not prompt_ids:
         # Nothing to condition the first response token on: its log-prob would be undefined.
-        raise _RowError("empty_prompt", "the prompt has no tokens", row=index, field="prompt")
+        raise RowError("empty_prompt", "the prompt has no tokens", row=index, field="prompt")
     out: dict[str, list[int]] = {}
     fixed = False
     for name, response in responses.items():
         if info.use_template:
-            response_text = _render_chat(info, prompt, prompt_text, response, index, name)
+            response_text = render_response(info, prompt, prompt_text, response, index, name)
         else:
             assert isinstance(response, str)
             response_text = response
@@ -276,7 +100,7 @@ def _encode_row(
     return prompt_ids, out, fixed
 
 
-def _end_with_eos(info: _Info, ids: list[int], index: int, name: str) -> list[int]:
+def _end_with_eos(info: TokenizerInfo, ids: list[int], index: int, name: str) -> list[int]:
     """Drop whitespace tokens after the last EOS, or append EOS; reject blank responses."""
     if info.eos_id in ids:
         last = len(ids) - 1 - ids[::-1].index(info.eos_id)
@@ -285,7 +109,7 @@ def _end_with_eos(info: _Info, ids: list[int], index: int, name: str) -> list[in
     if ids[-1:] != [info.eos_id]:
         ids = [*ids, info.eos_id]
     if all(info.is_blank(t) for t in ids[:-1]):
-        raise _RowError(
+        raise RowError(
             "empty_response",
             "the response has no tokens, or only whitespace, before EOS",
             row=index,
@@ -317,7 +141,7 @@ def _truncate(
         else:
             prompt = prompt[len(prompt) - max_prompt_length :]
     if len(prompt) >= max_length:
-        raise _RowError(
+        raise RowError(
             "prompt_too_long",
             f"the prompt has {len(prompt)} tokens, leaving no room for a response within "
             f"max_length={max_length}; raise max_length or set max_prompt_length",
@@ -338,7 +162,7 @@ def _check_limits(max_length: int, max_prompt_length: int | None) -> None:
 
 
 def _tokenize_row(
-    info: _Info,
+    info: TokenizerInfo,
     index: int,
     prompt: Text,
     responses: dict[str, Text],
@@ -349,14 +173,12 @@ def _tokenize_row(
     _check_limits(max_length, max_prompt_length)
     prompt_ids, ids, fixed = _encode_row(info, index, prompt, responses)
     if len(ids) == 2 and ids["chosen"] == ids["rejected"]:
-        raise _RowError(
-            "identical_responses", "chosen and rejected have the same tokens", row=index
-        )
+        raise RowError("identical_responses", "chosen and rejected have the same tokens", row=index)
     prompt_ids, ids, truncated = _truncate(
         prompt_ids, ids, max_length, max_prompt_length, info.bos_id, index
     )
     if len(ids) == 2 and ids["chosen"] == ids["rejected"]:
-        raise _RowError(
+        raise RowError(
             "identical_after_truncation",
             "chosen and rejected are the same after truncation; raise max_length",
             row=index,
@@ -365,7 +187,7 @@ def _tokenize_row(
 
 
 def _pair(
-    info: _Info, pair: PreferencePair, max_length: int, max_prompt_length: int | None
+    info: TokenizerInfo, pair: PreferencePair, max_length: int, max_prompt_length: int | None
 ) -> tuple[TokenizedPair, bool]:
     responses = {"chosen": pair.chosen, "rejected": pair.rejected}
     prompt, ids, truncated, fixed = _tokenize_row(
@@ -378,7 +200,7 @@ def _pair(
 
 
 def _example(
-    info: _Info, ex: UnpairedExample, max_length: int, max_prompt_length: int | None
+    info: TokenizerInfo, ex: UnpairedExample, max_length: int, max_prompt_length: int | None
 ) -> tuple[TokenizedExample, bool]:
     prompt, ids, truncated, fixed = _tokenize_row(
         info, ex.index, ex.prompt, {"completion": ex.completion}, max_length, max_prompt_length
@@ -408,7 +230,7 @@ def tokenize_pair(
     Raises:
         TokenizationError: naming the row, if the pair cannot be trained on.
     """
-    info = _inspect(tokenizer, use_chat_template)
+    info = inspect_tokenizer(tokenizer, use_chat_template)
     return _pair(info, pair, max_length, max_prompt_length)[0]
 
 
@@ -421,7 +243,7 @@ def tokenize_example(
     use_chat_template: bool | None = None,
 ) -> TokenizedExample:
     """Tokenize one unpaired (KTO) example; arguments as in `tokenize_pair`."""
-    info = _inspect(tokenizer, use_chat_template)
+    info = inspect_tokenizer(tokenizer, use_chat_template)
     return _example(info, ex, max_length, max_prompt_length)[0]
 
 
@@ -437,7 +259,7 @@ def tokenize_sft(
 ) -> TokenizedExample:
     """Tokenize a prompt/response for SFT, exactly as a pair's chosen side (label None)."""
     ex = UnpairedExample(index, prompt, response, True)
-    info = _inspect(tokenizer, use_chat_template)
+    info = inspect_tokenizer(tokenizer, use_chat_template)
     out = _example(info, ex, max_length, max_prompt_length)[0]
     return TokenizedExample(out.index, out.prompt_ids, out.completion_ids, None, out.truncated)
 
@@ -448,7 +270,7 @@ R = TypeVar("R", TokenizedPair, TokenizedExample)
 
 def _tokenize_all(
     items: Iterable[T],
-    one: Callable[[_Info, T, int, int | None], tuple[R, bool]],
+    one: Callable[[TokenizerInfo, T, int, int | None], tuple[R, bool]],
     tokenizer: PreTrainedTokenizerBase,
     use_chat_template: bool | None,
     limits: tuple[int, int | None],
@@ -460,7 +282,7 @@ def _tokenize_all(
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     max_length, max_prompt_length = limits
     _check_limits(max_length, max_prompt_length)
-    info = _inspect(tokenizer, use_chat_template)
+    info = inspect_tokenizer(tokenizer, use_chat_template)
     report = TokenizeReport(
         bos_token=tokenizer.bos_token, bos_token_id=info.bos_id, adds_bos=info.adds_bos,
         eos_token=tokenizer.eos_token, eos_token_id=info.eos_id, chat_template=info.use_template,
@@ -470,7 +292,7 @@ def _tokenize_all(
         report.rows += 1
         try:
             result, fixed = one(info, item, max_length, max_prompt_length)
-        except _RowError as err:
+        except RowError as err:
             if on_error == "raise":
                 raise
             report.drop(err.code, item.index)
