@@ -23,9 +23,8 @@ from prefopt.generation import (
     generate_completions,
     generate_side_by_side,
     load_prompts,
-    write_html,
-    write_samples_jsonl,
 )
+from prefopt.samples_output import write_html, write_samples_jsonl
 from prefopt.tokenize import tokenize_sft
 from toy import make_tokenizer
 from toy_models import make_model, save_toy_model, write_jsonl

@@ -45,7 +45,7 @@ __all__ = [
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample side by side and write JSONL (and HTML)."""
-    from prefopt.generation import write_html, write_samples_jsonl
+    from prefopt.samples_output import write_html, write_samples_jsonl
 
     if not args.model:
         raise ConfigError("--model is required")

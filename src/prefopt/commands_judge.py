@@ -72,7 +72,7 @@ def judge_vs_reference(
         The report (per judge: win/tie/loss, the win rate and its 95% interval, both means; the
         KL estimate) and the lines of its printed table.
     """
-    from prefopt.generation import write_html, write_samples_jsonl
+    from prefopt.samples_output import write_html, write_samples_jsonl
     from prefopt.winrate import win_rate
 
     models, params, prompts, samples = side_by_side(args, need_reference=True)
