@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from prefopt.tokenize import TokenizedExample, TokenizedPair
 
 __all__ = [
     "ExampleBatch",
+    "TensorBatch",
     "PairBatch",
     "collate_examples",
     "collate_pairs",
@@ -29,8 +30,30 @@ __all__ = [
 ]
 
 
+_B = TypeVar("_B", bound="TensorBatch")
+
+
+class TensorBatch:
+    """What every batch dataclass shares: moving its tensors, and counting its real tokens."""
+
+    attention_mask: torch.Tensor
+
+    def to(self: _B, device: torch.device | str) -> _B:
+        """A copy with every tensor field on `device` (fields that are None stay None)."""
+        moved: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return replace(self, **moved)  # type: ignore[type-var]
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens: ones in the attention mask (a KTO batch's KL rows not counted)."""
+        return int(self.attention_mask.sum())
+
+
 @dataclass
-class PairBatch:
+class PairBatch(TensorBatch):
     """Chosen and rejected sequences of B pairs, stacked for one forward pass.
 
     Attributes:
@@ -45,22 +68,13 @@ class PairBatch:
     response_mask: torch.Tensor
     indices: torch.Tensor
 
-    def to(self, device: torch.device | str) -> PairBatch:
-        """A copy with every tensor on `device`."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
     @property
     def num_pairs(self) -> int:
         return int(self.indices.numel())
 
-    @property
-    def num_tokens(self) -> int:
-        """Non-pad tokens over chosen and rejected rows."""
-        return int(self.attention_mask.sum())
-
 
 @dataclass
-class ExampleBatch:
+class ExampleBatch(TensorBatch):
     """N single sequences: unpaired (KTO) or SFT examples.
 
     Attributes:
@@ -85,22 +99,9 @@ class ExampleBatch:
     kl_attention_mask: torch.Tensor | None = None
     kl_response_mask: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> ExampleBatch:
-        """A copy with every tensor on `device`."""
-        moved: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = None if value is None else value.to(device)
-        return replace(self, **moved)
-
     @property
     def num_examples(self) -> int:
         return int(self.indices.numel())
-
-    @property
-    def num_tokens(self) -> int:
-        """Non-pad tokens in the main rows (the KL rows not counted)."""
-        return int(self.attention_mask.sum())
 
 
 def sequence_length(item: TokenizedPair | TokenizedExample) -> int:
