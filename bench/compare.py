@@ -51,6 +51,15 @@ class Row:
     trl: str | None
     need_gib: float | None = None
     """Free memory to wait for (default: NEED_GIB of the model/data)."""
+    prefix_sharing: str = "auto"
+    """prefopt's `--prefix-sharing`: auto (its default), on or off."""
+
+    def prefopt_label(self) -> str:
+        """The prefopt configuration as the table shows it."""
+        assert self.prefopt is not None
+        if self.prefix_sharing == "auto":
+            return self.prefopt
+        return f"{self.prefopt}, prefix sharing {self.prefix_sharing}"
 
 
 QUICK = [Row("smol135 short", "smol135", "short", "default", "fast")]
@@ -64,9 +73,13 @@ FULL = [
     Row("smol135 short, LoRA r16", "smol135", "short", "lora", "lora"),
     Row("smol135 short, precompute", "smol135", "short", "precompute", "precompute"),
     Row("smol135 short, ablation: full logits", "smol135", "short", "full_logits", None),
-    Row("smol135 short, prefix sharing", "smol135", "short", "prefix_sharing", None),
-    Row("smol135 long, prefix sharing", "smol135", "long", "prefix_sharing", None),
-]
+    # The rows above run prefix sharing on "auto": off on short (64-token prompts, 192-token
+    # responses), on on long (768 + 128). Each ablation flips it for the same model and data.
+    Row("smol135 short, ablation: prefix sharing on", "smol135", "short", "default", None,
+        prefix_sharing="on"),
+    Row("smol135 long, ablation: prefix sharing off", "smol135", "long", "default", None,
+        prefix_sharing="off"),
+]  # fmt: skip
 SUITES = {"quick": QUICK, "full": FULL}
 NEED_GIB = {
     ("smol135", "short"): 10,
@@ -75,15 +88,6 @@ NEED_GIB = {
     ("bigvocab", "long"): 26,
 }
 """Free memory to wait for before a run (baseline peak RSS + margin)."""
-
-
-def has_prefix_sharing() -> bool:
-    """Whether this prefopt has the `train.prefix_sharing` config flag yet."""
-    import dataclasses
-
-    from prefopt.config import TrainConfig
-
-    return any(f.name == "prefix_sharing" for f in dataclasses.fields(TrainConfig))
 
 
 def machine_state() -> dict[str, float]:
@@ -125,7 +129,7 @@ def run_one(
     record: dict[str, Any] = {
         "row": row.name,
         "impl": impl,
-        "variant": variant,
+        "variant": row.prefopt_label() if impl == "prefopt" else variant,
         "model": row.model,
         "data": row.data,
     }
@@ -153,6 +157,8 @@ def run_one(
         "--out",
         str(out),
     ]
+    if impl == "prefopt":
+        cmd += ["--prefix-sharing", row.prefix_sharing]
     record["before"] = {**matmul_probe(), **machine_state()}
     print(
         f"[{time.strftime('%H:%M:%S')}] {impl} {variant} on {row.model}/{row.data} "
@@ -207,23 +213,21 @@ def measure_suite(rows: list[Row], args: argparse.Namespace, save: Path) -> list
     return records
 
 
-TODO_PREFIX = "TODO: no `train.prefix_sharing` in this prefopt yet"
-
-
-def select_rows(args: argparse.Namespace) -> tuple[list[Row], list[Record]]:
-    """The suite's rows (filtered by --only), and TODO records for rows that cannot run yet."""
+def select_rows(args: argparse.Namespace) -> list[Row]:
+    """The suite's rows, filtered by --only."""
     rows = SUITES[args.suite]
-    if args.only:
-        rows = [r for r in rows if r.name in args.only]
-    todo: list[Record] = []
-    if not has_prefix_sharing():
-        todo = [
-            {"row": r.name, "impl": "prefopt", "variant": r.prefopt, "model": r.model,
-             "data": r.data, "error": TODO_PREFIX}
-            for r in rows if r.prefopt == "prefix_sharing"
-        ]  # fmt: skip
-        rows = [r for r in rows if r.prefopt != "prefix_sharing"]
-    return rows, todo
+    return [r for r in rows if r.name in args.only] if args.only else rows
+
+
+def prefix_sharing_notes(records: list[Record]) -> list[str]:
+    """What each prefopt run resolved `train.prefix_sharing` to (from its result's notes)."""
+    lines = []
+    for r in records:
+        notes = r.get("result", {}).get("notes", [])
+        said = [n for n in notes if n.startswith("prefix sharing")]
+        if r["impl"] == "prefopt" and said and r.get("rep", 0) == 0:
+            lines.append(f"- {r['row']}: {said[0]}")
+    return lines
 
 
 def main() -> None:
@@ -254,14 +258,17 @@ def main() -> None:
     if args.table:
         saved = json.loads(args.table.read_text())
         print(render_table(saved["records"], saved["meta"]))
+        print("\n".join(prefix_sharing_notes(saved["records"])))
         return
     build_assets(args.root)
-    rows, todo = select_rows(args)
+    rows = select_rows(args)
     save = args.root / "results" / time.strftime(f"{args.suite}-%Y%m%d-%H%M%S") / "results.json"
     save.parent.mkdir(parents=True, exist_ok=True)
-    records = measure_suite(rows, args, save) + todo
+    records = measure_suite(rows, args, save)
     meta = json.loads(save.read_text())["meta"] if save.is_file() else {}
     print("\n" + render_table(records, meta))
+    print("\nPrefix sharing (train.prefix_sharing) per prefopt run:")
+    print("\n".join(prefix_sharing_notes(records)))
     print(f"\nraw results: {save}")
 
 

@@ -25,7 +25,14 @@ from prefopt.prefix_sharing import collate_shared_prefix, shared_prefix_logps
 from prefopt.tokenize import TokenizedPair
 
 VOCAB = 49152
-CASES = {"64+192": (64, 192), "768+128": (768, 128)}  # prompt tokens + tokens per response
+# prompt tokens + tokens per response; the middle cases bracket the break-even ratio that
+# `train.prefix_sharing=auto` uses (prefopt.prefix_sharing.AUTO_MIN_PROMPT_RATIO).
+CASES = {
+    "64+192": (64, 192),
+    "128+128": (128, 128),
+    "192+96": (192, 96),
+    "768+128": (768, 128),
+}
 
 
 def smollm2_135m_shaped(attn: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:

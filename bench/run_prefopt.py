@@ -8,11 +8,16 @@ timed but not counted. Writes a `measure.RunResult` JSON to `--out`.
     .venv/bin/python bench/run_prefopt.py --model smol135 --data short --variant default \\
         --steps 2 --out /tmp/r.json
     .venv/bin/python bench/run_prefopt.py --model smol135 --data short --profile   # where time goes
+    .venv/bin/python bench/run_prefopt.py --data long --prefix-sharing off   # ablation
 
 Variants: default (frozen copy as reference, response-only LM head), full_logits (LM head on every
 position), precompute (reference log-probs computed once, in setup), lora (r 16, α 32,
 all-linear, no dropout; reference = adapters off), checkpointing (default + gradient
-checkpointing), prefix_sharing (needs `train.prefix_sharing`).
+checkpointing).
+
+`--prefix-sharing` applies to any variant: auto (prefopt's default: on where the mean prompt is at
+least as long as the mean response, so off on `short`, on on `long`), on, or off. What the run
+resolved it to goes into the result's notes.
 """
 
 from __future__ import annotations
@@ -40,21 +45,19 @@ VARIANTS: dict[str, list[str]] = {
         "reference.strategy=adapter",
     ],
     "checkpointing": ["reference.strategy=copy", "model.gradient_checkpointing=true"],
-    "prefix_sharing": ["reference.strategy=copy", "train.prefix_sharing=true"],
 }
-
-
-def has_prefix_sharing() -> bool:
-    """Whether this prefopt has the `train.prefix_sharing` config flag yet."""
-    import dataclasses
-
-    from prefopt.config import TrainConfig
-
-    return any(f.name == "prefix_sharing" for f in dataclasses.fields(TrainConfig))
+PREFIX_SHARING = {"auto": "auto", "on": "true", "off": "false"}
+"""`--prefix-sharing` → `train.prefix_sharing`."""
 
 
 def overrides(
-    assets: Assets, model: str, data: str, variant: str, n_steps: int, tmp: Path
+    assets: Assets,
+    model: str,
+    data: str,
+    variant: str,
+    n_steps: int,
+    tmp: Path,
+    prefix_sharing: str = "auto",
 ) -> list[str]:
     """The `key=value` config of one benchmark run."""
     common = [
@@ -76,6 +79,7 @@ def overrides(
         f"reference.cache_dir={tmp / 'ref_logps'}",
         "output.progress=false",
         f"output.dir={tmp / 'out'}",
+        f"train.prefix_sharing={PREFIX_SHARING[prefix_sharing]}",
     ]
     return common + VARIANTS[variant]
 
@@ -104,14 +108,18 @@ def train_steps(run: Any, prepared: Any, n_steps: int, result: RunResult) -> Non
 def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
     """Config → run → accelerate-prepared policy; the result with setup time and row tokens."""
     from prefopt.config_io import load_config
-    from prefopt.run_setup import build_run
+    from prefopt.run_setup import build_run, verify_run_prefix_sharing
 
     n_steps = args.warmup + args.steps + (2 if args.profile else 0)
     assets = Assets(args.root or default_root())
-    cfg = load_config(None, overrides(assets, args.model, args.data, args.variant, n_steps, tmp))
+    cfg = load_config(
+        None,
+        overrides(assets, args.model, args.data, args.variant, n_steps, tmp, args.prefix_sharing),
+    )
     t0 = time.perf_counter()
     run = build_run(cfg)
     prepared, run.optimizer = run.accelerator.prepare(run.scorer, run.optimizer)  # as train() does
+    verify_run_prefix_sharing(run, prepared)
     setup = time.perf_counter() - t0
     rows = [RowTokens.of(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in run.data.train]
     params = sum(p.numel() for p in run.model.parameters())
@@ -119,6 +127,9 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
         "prefopt", args.variant, args.model, args.data, params, setup, rows=rows, warmup=args.warmup
     )
     result.step_tokens = step_tokens(rows, n_steps)
+    checked = "; checked against two-pass scoring" if run.prefix_sharing.checked else ""
+    result.notes.append(run.prefix_sharing.describe() + checked)
+    print(result.notes[-1], flush=True)
     return run, prepared, result
 
 
@@ -127,6 +138,12 @@ def main() -> None:
     parser.add_argument("--model", default="smol135", choices=["smol135", "bigvocab"])
     parser.add_argument("--data", default="short", choices=["short", "long"])
     parser.add_argument("--variant", default="default", choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--prefix-sharing",
+        default="auto",
+        choices=list(PREFIX_SHARING),
+        help="train.prefix_sharing: auto (the default), on or off (ablation)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     parser.add_argument("--steps", type=int, default=2, help="measured steps")
     parser.add_argument("--root", type=Path, default=None, help="assets root")
@@ -138,8 +155,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    if args.variant == "prefix_sharing" and not has_prefix_sharing():
-        raise SystemExit("this prefopt has no train.prefix_sharing flag yet")
     with tempfile.TemporaryDirectory(prefix="prefopt-bench-") as tmp:
         run, prepared, result = build(args, Path(tmp))
         if args.profile:

@@ -46,7 +46,11 @@ def _print_summary(result: object) -> None:
     elif result.last_train:
         print("last training step: " + ", ".join(
             f"{k}={result.last_train[k]:.4f}" for k in keys if k in result.last_train))  # fmt: skip
-    print(f"output: {result.output_dir}  (model in {result.output_dir / 'model'})")
+    if result.judge:
+        print(f"held-out judge ({result.judge['num_prompts']} prompts, policy vs reference):")
+        print("\n".join(result.judge.get("lines", [])))
+    print(f"output: {result.output_dir}  (model in {result.output_dir / 'model'}; report in "
+          f"{result.output_dir / 'report' / 'index.html'})")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:

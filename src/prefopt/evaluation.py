@@ -1,24 +1,28 @@
 """Preference metrics of a policy over a whole dataset, without training.
 
 Uses the same step functions as training, so `eval` numbers equal the training loop's own
-metrics on the same batch.
+metrics on the same batch, in the same layout (two rows per pair, or shared prefixes).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from prefopt.collate import collate_examples, collate_pairs
+from prefopt.collate import PairBatch, collate_examples, collate_pairs
 from prefopt.loss_registry import LossParams
 from prefopt.metrics import MetricAccumulator
+from prefopt.prefix_collate import SharedPrefixBatch, collate_shared_prefix
 from prefopt.reference import Reference
 from prefopt.sft import is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
 from prefopt.tokenize import TokenizedExample, TokenizedPair
+
+logger = logging.getLogger(__name__)
 
 
 def loss_params(loss_cfg: Any) -> LossParams:
@@ -44,8 +48,14 @@ def micro_step(
     split: str = "train",
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_length: int | None = None,
+    prefix_sharing: bool = False,
 ) -> tuple[StepOutput, int]:
-    """Collate `examples` (dataset `positions`) and run the loss; returns (output, tokens)."""
+    """Collate `examples` (dataset `positions`) and run the loss; returns (output, tokens).
+
+    `prefix_sharing`: lay pairs out as shared-prefix rows (the scorer, and a model reference's
+    scorer, must be `SharedPrefixLogprobModel`s); unpaired and SFT rows ignore it. Tokens count
+    each prompt twice either way, so throughput and `tokens_seen` don't depend on the layout.
+    """
     params = loss_params(loss_cfg)
     if is_sft_batch(examples):
         sft_batch = collate_examples(list(examples), pad_token_id=pad_token_id).to(device)  # type: ignore[arg-type]
@@ -60,11 +70,18 @@ def micro_step(
         ).to(device)
         out = unpaired_step(scorer, reference, ex_batch, positions, params, reduce_mean, split)
         return out, int(ex_batch.attention_mask.sum().item())
-    batch = collate_pairs(list(examples), pad_token_id=pad_token_id).to(device)  # type: ignore[arg-type]
+    pairs: list[TokenizedPair] = list(examples)  # type: ignore[arg-type]
+    batch: PairBatch | SharedPrefixBatch
+    if prefix_sharing:
+        batch = collate_shared_prefix(pairs, pad_token_id=pad_token_id).to(device)
+        tokens = batch.pair_tokens
+    else:
+        batch = collate_pairs(pairs, pad_token_id=pad_token_id).to(device)
+        tokens = batch.num_tokens
     names = loss_cfg.names
     weights = loss_cfg.weights or [1.0] * len(names)
     out = paired_step(scorer, reference, batch, positions, names, weights, params, split)
-    return out, batch.num_tokens
+    return out, tokens
 
 
 @torch.no_grad()
@@ -81,8 +98,10 @@ def evaluate_dataset(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[Sequence[int], StepOutput], None] | None = None,
     max_length: int | None = None,
+    prefix_sharing: bool = False,
 ) -> dict[str, float]:
-    """Mean metrics over `examples` in eval mode (no dropout), in order, batch by batch."""
+    """Mean metrics over `examples` in eval mode (no dropout), in order, batch by batch
+    (`prefix_sharing`: see `micro_step`)."""
     was_training = scorer.training
     scorer.eval()
     acc = MetricAccumulator()
@@ -93,6 +112,7 @@ def evaluate_dataset(
             out, _ = micro_step(
                 scorer, reference, chunk, positions, loss_cfg,
                 pad_token_id=pad_token_id, device=device, split=split, max_length=max_length,
+                prefix_sharing=prefix_sharing,
             )  # fmt: skip
             acc.add(out.metrics)
             if on_batch is not None:
@@ -131,16 +151,16 @@ def load_policy(cfg: Any, location: str) -> nn.Module:
 def eval_reference(cfg: Any, policy: nn.Module, scorer: nn.Module, device: Any) -> Reference | None:
     """The reference for `prefopt eval`: --ref if given, else the adapter-off policy."""
     from prefopt.errors import ConfigError
-    from prefopt.logprobs import SequenceLogprobModel
     from prefopt.loss_registry import get_loss
     from prefopt.models import freeze
+    from prefopt.prefix_sharing import SharedPrefixLogprobModel
     from prefopt.reference import ModelReference
 
     if not any(get_loss(n).needs_reference for n in cfg.loss.names):
         return None
     if cfg.reference.model:
         ref = freeze(load_policy(cfg, cfg.reference.model))
-        return ModelReference(SequenceLogprobModel(ref).to(device), "model")
+        return ModelReference(SharedPrefixLogprobModel(ref).to(device), "model")
     if hasattr(policy, "disable_adapter"):
         return ModelReference(scorer, "adapter", peft_model=policy)
     raise ConfigError(
@@ -179,9 +199,9 @@ def per_pair_rows(
 def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (means over pairs) and per-pair rows of `model_location` on `cfg.data.train`."""
     from prefopt.errors import ConfigError
-    from prefopt.logprobs import SequenceLogprobModel
     from prefopt.models import load_tokenizer
     from prefopt.pipeline import prepare_data
+    from prefopt.prefix_sharing import SharedPrefixLogprobModel
 
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
@@ -191,16 +211,32 @@ def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict
     if data.unpaired:
         raise ConfigError("prefopt eval works on paired data; KTO rows have no pairs to compare")
     policy = load_policy(cfg, model_location)
-    scorer = SequenceLogprobModel(
+    scorer = SharedPrefixLogprobModel(
         policy, response_only=cfg.train.response_only_logits, chunk_size=cfg.train.logit_chunk_size
     ).to(device)
     reference = eval_reference(cfg, policy, scorer, device)
     examples: list[TokenizedPair] = list(data.train)  # type: ignore[arg-type]
+    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    shared = _eval_prefix_sharing(cfg, policy, examples, batch_size, tokenizer.pad_token_id)
     rows: list[dict[str, Any]] = []
     metrics = evaluate_dataset(
-        scorer, reference, examples, cfg.loss,
-        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        scorer, reference, examples, cfg.loss, batch_size=batch_size,
         pad_token_id=tokenizer.pad_token_id, device=device, split="train",
         on_batch=lambda pos, out: rows.extend(per_pair_rows(examples, pos, out)),
+        prefix_sharing=shared,
     )  # fmt: skip
     return metrics, rows
+
+
+def _eval_prefix_sharing(
+    cfg: Any, policy: nn.Module, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int
+) -> bool:
+    """`train.prefix_sharing` for `prefopt eval`, resolved and checked as in training."""
+    from prefopt.prefix_choice import choose_prefix_sharing, verify_prefix_sharing
+
+    paired = bool(pairs) and isinstance(pairs[0], TokenizedPair)
+    choice = choose_prefix_sharing(cfg.train.prefix_sharing, policy, pairs, paired=paired)
+    if not choice.enabled:
+        logger.info(choice.describe())
+        return False
+    return verify_prefix_sharing(choice, policy, pairs[:batch_size], pad_token_id=pad_id).enabled

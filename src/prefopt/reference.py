@@ -8,7 +8,9 @@
 
 Every strategy answers `row_logps(rows, keys)`: the summed response log-prob of each row of a
 batch under π_ref. `keys` name the rows ((dataset position, "chosen"|"rejected")) so the
-precomputed strategy can look them up without a forward pass.
+precomputed strategy can look them up without a forward pass. A batch of pairs may come in
+either layout (`PairBatch`, or `SharedPrefixBatch` with prefix sharing); both give [2B] values,
+chosen rows first.
 """
 
 from __future__ import annotations
@@ -26,17 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prefopt.errors import PrefoptError
+from prefopt.prefix_sharing import SharedPrefixBatch, TwoPassRows, pair_row_logps
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
-class Rows(Protocol):
-    """Anything with the three [R, T] tensors a log-prob forward needs."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
+Rows = TwoPassRows | SharedPrefixBatch
+"""Rows to score: one sequence per row, or pairs in the shared-prefix layout."""
 
 
 class Reference(Protocol):
@@ -104,7 +103,7 @@ class ModelReference:
     @torch.no_grad()
     def row_logps(self, rows: Rows, keys: Sequence[Hashable] = ()) -> Tensor:
         with self._mode(), self._placed(rows.input_ids.device):
-            logps, _ = self.scorer(rows.input_ids, rows.attention_mask, rows.response_mask)
+            logps, _ = pair_row_logps(self.scorer, rows)  # [R]
         return logps.detach()
 
 
@@ -177,7 +176,7 @@ def load_or_compute_table(
 
 @torch.no_grad()
 def check_reference(
-    policy_scorer: nn.Module, reference: Reference, rows: Rows, keys: Sequence[Hashable]
+    policy_scorer: nn.Module, reference: Reference, rows: TwoPassRows, keys: Sequence[Hashable]
 ) -> float:
     """Compare π_ref with the starting policy on one batch; returns max |Δ log π|.
 

@@ -22,18 +22,31 @@ from torch import nn
 from prefopt.collate import collate_pairs
 from prefopt.config import ExperimentConfig
 from prefopt.errors import ConfigError
-from prefopt.logprobs import SequenceLogprobModel
 from prefopt.models import apply_lora, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from prefopt.pipeline import PreparedData, prepare_data
+from prefopt.prefix_choice import (
+    PrefixSharingChoice,
+    choose_prefix_sharing,
+    verify_prefix_sharing,
+)
+from prefopt.prefix_collate import collate_shared_prefix
+from prefopt.prefix_sharing import SharedPrefixLogprobModel, supports_shared_prefix
 from prefopt.reference import (
     ModelReference,
     PrecomputedReference,
     Reference,
+    Rows,
     load_or_compute_table,
     model_fingerprint,
     rows_fingerprint,
 )
-from prefopt.sharding import configure_accelerator, no_split_modules, shard_frozen, shards_weights
+from prefopt.sharding import (
+    any_process,
+    configure_accelerator,
+    no_split_modules,
+    shard_frozen,
+    shards_weights,
+)
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
 
@@ -55,6 +68,8 @@ class RunParts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     steps_per_epoch: int
+    prefix_sharing: PrefixSharingChoice
+    """Whether pairs are scored as [prompt | chosen | rejected] rows (`train.prefix_sharing`)."""
 
 
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
@@ -112,8 +127,10 @@ def build_policy(cfg: ExperimentConfig) -> nn.Module:
     return model
 
 
-def _scorer(cfg: ExperimentConfig, model: nn.Module) -> SequenceLogprobModel:
-    scorer = SequenceLogprobModel(
+def _scorer(cfg: ExperimentConfig, model: nn.Module) -> SharedPrefixLogprobModel:
+    # Scores both layouts (two-pass rows like its parent class, shared-prefix rows by keyword),
+    # so one scorer serves every path whatever `train.prefix_sharing` resolves to.
+    scorer = SharedPrefixLogprobModel(
         model,
         response_only=cfg.train.response_only_logits,
         chunk_size=cfg.train.logit_chunk_size,
@@ -132,11 +149,13 @@ def build_reference(
     device: Any,
     *,
     keep_on_cpu: bool = False,
+    prefix_sharing: bool = False,
 ) -> Reference | None:
     """The reference of the configured strategy (before any training step).
 
     `keep_on_cpu`: leave a copy/model reference in CPU memory (it is sharded onto the devices
-    later, by `prepare_reference`).
+    later, by `prepare_reference`). `prefix_sharing`: the reference will score shared-prefix
+    rows (and a precomputed one is computed from them).
     """
     strategy = cfg.reference_strategy()
     if strategy == "none":
@@ -149,11 +168,23 @@ def build_reference(
         else:
             assert cfg.reference.model is not None
             ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
+            _check_reference_shares(ref_model, prefix_sharing)
         ref_scorer = _scorer(cfg, ref_model)
         if not (keep_on_cpu or cfg.reference.offload):
             ref_scorer = ref_scorer.to(device)
         return ModelReference(ref_scorer, strategy, offload=cfg.reference.offload)
-    return _precomputed(cfg, model, scorer, data, device)
+    return _precomputed(cfg, model, scorer, data, device, prefix_sharing)
+
+
+def _check_reference_shares(ref_model: nn.Module, prefix_sharing: bool) -> None:
+    """A separate reference model must score shared-prefix rows too (it may be another
+    architecture than the policy, which is what `train.prefix_sharing` was resolved for)."""
+    ok, why = supports_shared_prefix(ref_model) if prefix_sharing else (True, "")
+    if not ok:
+        raise ConfigError(
+            f"prefix sharing is on for the policy, but the reference model cannot share "
+            f"prefixes: {why}. Set train.prefix_sharing=false"
+        )
 
 
 def prepare_reference(run: RunParts) -> None:
@@ -180,7 +211,12 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def _precomputed(
-    cfg: ExperimentConfig, model: nn.Module, scorer: nn.Module, data: PreparedData, device: Any
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    scorer: nn.Module,
+    data: PreparedData,
+    device: Any,
+    prefix_sharing: bool,
 ) -> PrecomputedReference:
     """Score every train/eval pair once with the starting policy (or `reference.model`)."""
     with_model = cfg.reference.precompute_with == "model"
@@ -188,6 +224,7 @@ def _precomputed(
     if with_model:
         assert cfg.reference.model is not None
         ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
+        _check_reference_shares(ref_model, prefix_sharing)
         ref_scorer = _scorer(cfg, ref_model).to(device)
     splits: list[tuple[str, list[TokenizedPair]]] = [("train", list(data.train))]  # type: ignore[arg-type]
     if data.eval:
@@ -199,15 +236,14 @@ def _precomputed(
     for split, pairs in splits:
         keys = [k for i in range(len(pairs)) for k in pair_keys([i], split)]
         rows = [p.prompt_ids + r for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
-        extra = f"{cfg.train.response_only_logits}|{cfg.model.dtype}|{split}"
+        # The key names the computation path (LM head, dtype, layout) as well as weights and
+        # rows: the paths agree only up to float rounding, and a cached table should be exactly
+        # what this run would compute.
+        layout = "shared" if prefix_sharing else "two-pass"
+        extra = f"{cfg.train.response_only_logits}|{cfg.model.dtype}|{split}|{layout}"
         name = f"{fingerprint_model}-{rows_fingerprint(rows, extra)}.safetensors"
-        table.update(
-            load_or_compute_table(
-                cache_root / name,
-                keys,
-                functools.partial(_score_all, cfg, reference, pairs, device),
-            )
-        )
+        score = functools.partial(_score_all, cfg, reference, pairs, device, prefix_sharing)
+        table.update(load_or_compute_table(cache_root / name, keys, score))
     return PrecomputedReference(table, equals_initial_policy=not with_model)
 
 
@@ -217,7 +253,11 @@ def _peft(model: nn.Module, with_model: bool) -> nn.Module | None:
 
 
 def _score_all(
-    cfg: ExperimentConfig, reference: ModelReference, pairs: Sequence[TokenizedPair], device: Any
+    cfg: ExperimentConfig,
+    reference: ModelReference,
+    pairs: Sequence[TokenizedPair],
+    device: Any,
+    prefix_sharing: bool,
 ) -> torch.Tensor:
     """[2·len(pairs)] log-probs ordered (pair 0 chosen, pair 0 rejected, pair 1 chosen, …)."""
     from tqdm.auto import tqdm
@@ -227,7 +267,10 @@ def _score_all(
     starts = range(0, len(pairs), size)
     for start in tqdm(starts, desc="reference log-probs", disable=not cfg.output.progress):
         chunk = pairs[start : start + size]
-        batch = collate_pairs(chunk, pad_token_id=0).to(device)
+        if prefix_sharing:
+            batch: Rows = collate_shared_prefix(chunk, pad_token_id=0).to(device)
+        else:
+            batch = collate_pairs(chunk, pad_token_id=0).to(device)
         logps = reference.row_logps(batch)  # [2b]: chosen rows then rejected rows
         b = len(chunk)
         out.append(torch.stack([logps[:b], logps[b:]], dim=1).reshape(-1).cpu())
@@ -246,9 +289,14 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     # Under FSDP/DeepSpeed, accelerate.prepare moves the shards to the GPU; moving the whole
     # model there first would need its full size on every GPU. Precompute scores before that.
     sharded = shards_weights(accelerator)
-    if not sharded or cfg.reference_strategy() == "precompute":
+    on_device = not sharded or cfg.reference_strategy() == "precompute"
+    if on_device:
         scorer = scorer.to(accelerator.device)
-    reference = build_reference(cfg, model, scorer, data, accelerator.device, keep_on_cpu=sharded)
+    prefix = _choose_prefix_sharing(cfg, accelerator, model, data, tokenizer, check=on_device)
+    reference = build_reference(
+        cfg, model, scorer, data, accelerator.device, keep_on_cpu=sharded,
+        prefix_sharing=prefix.enabled,
+    )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -260,5 +308,43 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     return RunParts(
         cfg, accelerator, tokenizer, data, model, scorer, reference, optimizer, scheduler, total,
-        per_epoch,
+        per_epoch, prefix,
+    )  # fmt: skip
+
+
+def _choose_prefix_sharing(
+    cfg: ExperimentConfig,
+    accelerator: Accelerator,
+    model: nn.Module,
+    data: PreparedData,
+    tokenizer: Any,
+    *,
+    check: bool,
+) -> PrefixSharingChoice:
+    """Resolve `train.prefix_sharing`; with `check` (the policy is on its device) also run the
+    comparison with two-pass scoring now, before a precomputed reference is built from it.
+    Logs one line, unless the check is left to `verify_run_prefix_sharing`."""
+    paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
+    pairs: list[TokenizedPair] = list(data.train) if paired else []  # type: ignore[arg-type]
+    choice = choose_prefix_sharing(cfg.train.prefix_sharing, model, pairs, paired=paired)
+    if not choice.enabled:
+        logger.info(choice.describe())
+        return choice
+    if not check:
+        return choice
+    return verify_prefix_sharing(
+        choice, model, pairs[: cfg.train.batch_size], pad_token_id=tokenizer.pad_token_id,
+        any_process=functools.partial(any_process, accelerator),
+    )  # fmt: skip
+
+
+def verify_run_prefix_sharing(run: RunParts, prepared: nn.Module) -> None:
+    """After `accelerate.prepare`: the check `build_run` could not run because the policy was
+    not on its device yet (FSDP/DeepSpeed shard it in `prepare`); it scores through `prepared`,
+    whose hooks gather the shards. A no-op otherwise. Call it after loading a checkpoint: the
+    forward leaves FSDP2's root unit unsharded, and a load writes into the shards."""
+    pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
+    run.prefix_sharing = verify_prefix_sharing(
+        run.prefix_sharing, run.model, pairs, pad_token_id=run.tokenizer.pad_token_id,
+        any_process=functools.partial(any_process, run.accelerator), scorer=prepared,
     )  # fmt: skip

@@ -1,7 +1,9 @@
 """One micro-batch: log-probs of policy and reference, then the configured loss.
 
 Paired data (every loss but KTO) and unpaired data (KTO) each have one function here; the
-training loop and `prefopt eval` both call them, so their numbers cannot disagree.
+training loop and `prefopt eval` both call them, so their numbers cannot disagree. Pairs come in
+either layout (two rows per pair, or one shared-prefix row per pair); both give the same
+log-probs up to float rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prefopt.collate import ExampleBatch, PairBatch
 from prefopt.loss_registry import LossParams, combined_loss
 from prefopt.losses import LossOutput, PairLogps, kto_loss
 from prefopt.metrics import pair_metrics
+from prefopt.prefix_sharing import SharedPrefixBatch, pair_row_logps
 from prefopt.reference import Reference
 
 Tensor = torch.Tensor
@@ -39,12 +42,13 @@ def pair_keys(positions: Sequence[int], split: str = "train") -> list[Hashable]:
 def paired_logps(
     policy: nn.Module,
     reference: Reference | None,
-    batch: PairBatch,
+    batch: PairBatch | SharedPrefixBatch,
     positions: Sequence[int],
     split: str = "train",
 ) -> PairLogps:
-    """Policy (with gradient) and reference log-probs of a batch of pairs."""
-    logps, tokens = policy(batch.input_ids, batch.attention_mask, batch.response_mask)  # [2B]
+    """Policy (with gradient) and reference log-probs of a batch of pairs (either layout; a
+    `SharedPrefixBatch` needs a `SharedPrefixLogprobModel` policy)."""
+    logps, tokens = pair_row_logps(policy, batch)  # [2B], chosen rows first
     b = batch.num_pairs
     ref = reference.row_logps(batch, pair_keys(positions, split)) if reference is not None else None
     return PairLogps(
@@ -60,7 +64,7 @@ def paired_logps(
 def paired_step(
     policy: nn.Module,
     reference: Reference | None,
-    batch: PairBatch,
+    batch: PairBatch | SharedPrefixBatch,
     positions: Sequence[int],
     names: Sequence[str],
     weights: Sequence[float],
