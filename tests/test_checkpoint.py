@@ -287,3 +287,19 @@ def test_write_error_leaves_no_partial_checkpoint(
         _save(tmp_path, model, step=2, keep=1)
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]  # no temp folder, no pruning
     assert list_checkpoints(tmp_path) == [earlier]
+
+
+def test_overwrite_clears_the_previous_runs_files_only(tmp_path: Path) -> None:
+    """overwrite=true: nothing of the old run (stale judge.json, old checkpoints) mixes into the
+    new one, and files the user put in the folder stay."""
+    from prefopt.config_io import load_config
+    from prefopt.output import prepare_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000003").mkdir(parents=True)
+    (out / "model").mkdir()
+    for name in ("metrics.jsonl", "judge.json", "samples.jsonl", "final_metrics.json", "notes.txt"):
+        (out / name).write_text("old")
+    cfg = load_config(None, [f"output.dir={out}", "output.overwrite=true"])
+    prepare_output_dir(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]

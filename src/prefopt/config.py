@@ -188,6 +188,13 @@ class TrainConfig:
     time-boxed jobs; continue later with resume=latest."""
     on_nan: Literal["stop", "skip"] = "stop"
     """Non-finite loss or gradient: stop (keeping the last checkpoint) or skip the step."""
+    prefix_sharing: bool | Literal["auto"] = "auto"
+    """Score each pair as one [prompt | chosen | rejected] row, the prompt computed once (paired
+    losses only; KTO and SFT keep the normal path). true: on, refused where the model can't
+    (flash/flex attention, sliding-window or ALiBi attention); false: off; auto: on where
+    supported and the data's mean prompt has at least as many tokens as its mean response
+    (shorter prompts save less than the 4-D mask costs). Checked against two-pass scoring on
+    the first batch before training: auto falls back (logged), true stops."""
 
 
 @dataclass
@@ -202,6 +209,39 @@ class EvalConfig:
     """Whether larger or smaller is better for the early-stopping metric."""
     patience: int = 3
     """Evaluations without improvement before stopping."""
+
+
+@dataclass
+class JudgeConfig:
+    """After training: sample policy and reference on held-out prompts and judge them.
+
+    The win rate (one comparison per prompt, ties apart, 95% Wilson interval), each side's mean
+    judge score and a KL estimate go to `judge.json` in the output folder, the samples to
+    `samples.jsonl`, and both into the report. Same as `prefopt eval --prompts ... --judge ...`
+    on the saved model.
+    """
+
+    prompts: str | None = None
+    """Held-out prompts file (rows with "prompt": text or chat messages); unset: no judging."""
+    judges: list[str] = field(default_factory=lambda: ["vader"])
+    """Judge specs (see `prefopt judge --help`): vader, length, regex:..., keyword:...,
+    reward-model:PATH, module:function."""
+    max_prompts: int | None = None
+    """Use only the first N prompts."""
+    max_new_tokens: int = 48
+    """Tokens per sampled response."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    num_samples: int = 1
+    """Responses per prompt and side (a prompt's score is their mean)."""
+    seed: int = 0
+    """Prompt i samples with seed + i, the same noise for policy and reference."""
+    tie_eps: float = 0.0
+    """Score gaps at most this count as ties."""
+    batch_size: int = 8
+    """Prompts per generation batch."""
 
 
 @dataclass
@@ -232,6 +272,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
@@ -241,6 +282,7 @@ class ExperimentConfig:
             raise ConfigError(f"data.sft=true trains with loss 'sft' only, not {self.loss.names}")
         _validate_reference(self)
         _validate_numbers(self)
+        _validate_prefix_sharing(self)
         if self.lora.load_in_4bit and not self.lora.enabled:
             raise ConfigError("lora.load_in_4bit=true needs lora.enabled=true (QLoRA)")
 
@@ -308,6 +350,26 @@ def _validate_reference(cfg: ExperimentConfig) -> None:
         raise ConfigError("reference.precompute_with=model needs reference.model=PATH")
 
 
+def _validate_prefix_sharing(cfg: ExperimentConfig) -> None:
+    """`train.prefix_sharing=true` where it cannot work, before any model loads (the model's
+    own attention is checked once it is loaded: `prefix_choice.choose_prefix_sharing`)."""
+    if cfg.train.prefix_sharing is not True:
+        return
+    unpaired = [n for n in cfg.loss.names if LOSSES[n].data == "unpaired"]
+    if cfg.data.sft or unpaired:
+        what = "SFT" if cfg.data.sft else f"loss {unpaired}"
+        raise ConfigError(
+            f"train.prefix_sharing=true applies to paired losses only, not {what} (one response "
+            "per prompt); set train.prefix_sharing=auto or false"
+        )
+    impl = cfg.model.attn_implementation or ""
+    if "flash" in impl or "flex" in impl:
+        raise ConfigError(
+            f"train.prefix_sharing=true needs an attention that takes a 4-D mask, not "
+            f"model.attn_implementation={impl}; use sdpa or eager, or train.prefix_sharing=auto"
+        )
+
+
 def _validate_numbers(cfg: ExperimentConfig) -> None:
     checks: list[tuple[str, bool]] = [
         ("train.batch_size must be >= 1", cfg.train.batch_size >= 1),
@@ -321,6 +383,12 @@ def _validate_numbers(cfg: ExperimentConfig) -> None:
         ("lora.r must be >= 1", cfg.lora.r >= 1),
         ("lora.dropout must be in [0, 1)", 0 <= cfg.lora.dropout < 1),
         ("eval.patience must be >= 1", cfg.eval.patience >= 1),
+        ("judge.max_new_tokens must be >= 1", cfg.judge.max_new_tokens >= 1),
+        ("judge.num_samples must be >= 1", cfg.judge.num_samples >= 1),
+        ("judge.batch_size must be >= 1", cfg.judge.batch_size >= 1),
+        ("judge.temperature must be >= 0", cfg.judge.temperature >= 0),
+        ("judge.top_p must be in (0, 1]", 0 < cfg.judge.top_p <= 1),
+        ("judge.max_prompts must be >= 1", _at_least(cfg.judge.max_prompts, 1)),
         ("output.keep_checkpoints must be >= 1", cfg.output.keep_checkpoints >= 1),
         ("output.save_every must be >= 0", cfg.output.save_every >= 0),
         ("eval.every_steps must be >= 0", cfg.eval.every_steps >= 0),

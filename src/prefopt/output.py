@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +40,24 @@ def prepare_output_dir(cfg: ExperimentConfig) -> Path:
             "output.dir, or set output.overwrite=true"
         )
     if cfg.output.overwrite and not cfg.output.resume:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists():
-            metrics.unlink()
+        _clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
+
+
+# What a run writes into its folder; overwrite=true removes these (and nothing else the user put
+# there), so no file of the old run (a stale judge.json, old checkpoints) mixes into the new one.
+_RUN_FILES = ("metrics.jsonl", "final_metrics.json", "health.json", "judge.json", "samples.jsonl")
+_RUN_DIRS = ("checkpoints", "model", "report", "tensorboard")
+
+
+def _clear_previous_run(out: Path) -> None:
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _RUN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:

@@ -17,6 +17,7 @@ from typing import Any, cast, get_args
 
 from prefopt.errors import PrefoptError
 from prefopt.health import SEVERITY_ORDER, Finding, Kind, Severity, as_float, check_history
+from prefopt.report_judge import judge_section, sample_row
 from prefopt.report_plots import write_plots
 from prefopt.tracking import read_metrics
 
@@ -50,6 +51,9 @@ def write_report(output_dir: Path, *, samples: list[dict] | None = None) -> Path
     records = _read_records(output_dir)
     config_text, config = _read_config(output_dir / "config.yaml")
     final = _read_json(output_dir / "final_metrics.json")
+    judge = _read_json(output_dir / "judge.json")
+    if samples is None and (output_dir / "samples.jsonl").is_file():
+        samples = [sample_row(s) for s in read_samples(output_dir / "samples.jsonl")]
     findings = _merge(check_history(records), _saved_findings(output_dir / HEALTH_FILE))
     folder = output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,7 @@ def write_report(output_dir: Path, *, samples: list[dict] | None = None) -> Path
     max_norm = as_float(_get(config, "optim", "max_grad_norm"))
     plots = write_plots(records, folder, max_grad_norm=max_norm)
     page = render_html(
-        output_dir, records, config, config_text, final, findings, plots, samples or []
+        output_dir, records, config, config_text, final, findings, plots, samples or [], judge
     )
     index = folder / "index.html"
     index.write_text(page, encoding="utf-8")
@@ -193,11 +197,13 @@ def render_html(
     findings: Sequence[Finding],
     plots: Sequence[tuple[str, str]],
     samples: Sequence[dict[str, Any]],
+    judge: dict[str, Any] | None = None,
 ) -> str:
     """The whole index.html as a string (self-contained apart from the PNGs beside it)."""
     body = [
         _header(output_dir, records, config),
         _health(findings),
+        judge_section(judge or {}),
         _metrics(records, final),
         _plots(plots),
         _samples(samples),

@@ -29,13 +29,20 @@ from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
+from prefopt.final_judge import check_judge_setup, judge_after_training
 from prefopt.health import HealthMonitor
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
 from prefopt.reference import check_reference
 from prefopt.report import HEALTH_FILE, write_report
-from prefopt.run_setup import RunParts, build_run, make_accelerator, prepare_reference
+from prefopt.run_setup import (
+    RunParts,
+    build_run,
+    make_accelerator,
+    prepare_reference,
+    verify_run_prefix_sharing,
+)
 from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
 from prefopt.step import pair_keys
 from prefopt.tokenize import TokenizedPair
@@ -62,6 +69,8 @@ class TrainResult:
     final_eval: dict[str, float] | None
     last_train: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    judge: dict[str, Any] | None = None
+    """The held-out judge comparison (`judge.json`), when `judge.prompts` was set."""
 
 
 class _StopFlag:
@@ -136,7 +145,7 @@ def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[st
                 prepared, run.reference, [run.data.train[p] for p in positions], positions,
                 cfg.loss, pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
                 reduce_mean=lambda t: acc.reduce(t, "mean") if world > 1 else t,
-                max_length=cfg.data.max_length,
+                max_length=cfg.data.max_length, prefix_sharing=run.prefix_sharing.enabled,
             )  # fmt: skip
             # Sum over pairs / global pair count, × world since DDP averages across processes:
             # the update equals one big batch whatever the split into micro-batches/processes.
@@ -172,7 +181,7 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
         prepared, run.reference, run.data.eval, run.cfg.loss,
         batch_size=run.cfg.eval.batch_size or run.cfg.train.batch_size,
         pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
-        max_length=run.cfg.data.max_length,
+        max_length=run.cfg.data.max_length, prefix_sharing=run.prefix_sharing.enabled,
     )  # fmt: skip
 
 
@@ -205,6 +214,7 @@ def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -
 
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run DPO-family training as configured; returns where the output went and the metrics."""
+    check_judge_setup(cfg)  # a bad prompts file or judge fails now, not after training
     acc = make_accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     if acc.is_main_process:  # one process owns the folder; the others wait for it
@@ -217,6 +227,9 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     if cfg.output.resume:
         ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
         state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+    # The check build_run leaves when prepare shards the weights; after loading, since a forward
+    # leaves FSDP2's root unit unsharded and load_checkpoint writes into the shards.
+    verify_run_prefix_sharing(run, prepared)
     tracker = Tracker(out_dir, cfg.output.report_to, to_dict(cfg), enabled=acc.is_main_process)
     monitor = _watch_health(tracker, out_dir, resumed=state.step > 0)
     initial_eval = None
@@ -227,6 +240,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
     result = _Loop(run, prepared, state, tracker, out_dir).run_all()
     if acc.is_main_process:
+        result.judge = _judge_saved_model(cfg, out_dir, result)
         _write_health_and_report(out_dir, monitor)
     result.initial_eval = initial_eval
     tracker.close()
@@ -246,6 +260,21 @@ def _watch_health(tracker: Tracker, out_dir: Path, *, resumed: bool) -> HealthMo
 
     tracker.observers.append(observe)
     return monitor
+
+
+def _judge_saved_model(cfg: ExperimentConfig, out_dir: Path, result: TrainResult) -> Any:
+    """The held-out judge comparison of the final model; a judge failure must not fail a run
+    whose model is saved (the error is logged with the command to retry)."""
+    if not (out_dir / "model").is_dir():  # paused by train.stop_after_steps: nothing final yet
+        return None
+    try:
+        return judge_after_training(cfg, out_dir)
+    except Exception as exc:  # noqa: BLE001  (the model is saved; judging is a bonus)
+        logger.warning(
+            "could not judge the saved model (%s); retry with: prefopt eval --model %s "
+            "--prompts %s --judge ...", exc, out_dir / "model", cfg.judge.prompts,
+        )  # fmt: skip
+        return None
 
 
 def _write_health_and_report(out_dir: Path, monitor: HealthMonitor) -> None:
