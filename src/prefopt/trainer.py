@@ -8,8 +8,6 @@ eval / checkpoint / early stop → final save, report.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import signal
@@ -24,18 +22,21 @@ import torch
 from accelerate.utils import DistributedType
 
 from prefopt.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
-from prefopt.collate import collate_pairs, epoch_batches
+from prefopt.collate import epoch_batches
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
-from prefopt.final_judge import check_judge_setup, judge_after_training
-from prefopt.health import HealthMonitor
+from prefopt.final_judge import check_judge_setup
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
-from prefopt.reference import check_reference
-from prefopt.report import HEALTH_FILE, write_report
+from prefopt.run_hooks import (
+    check_reference_at_start,
+    judge_saved_model,
+    watch_health,
+    write_health_and_report,
+)
 from prefopt.run_setup import (
     RunParts,
     build_run,
@@ -44,9 +45,7 @@ from prefopt.run_setup import (
     verify_run_prefix_sharing,
 )
 from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
-from prefopt.step import pair_keys
-from prefopt.tokenize import TokenizedPair
-from prefopt.tracking import Progress, Tracker, read_metrics
+from prefopt.tracking import Progress, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -185,16 +184,6 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
     )  # fmt: skip
 
 
-def _check_reference(run: RunParts, monitor: HealthMonitor) -> None:
-    if run.reference is None or not run.cfg.reference.verify or run.data.unpaired:
-        return
-    pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
-    batch = collate_pairs(pairs, pad_token_id=run.tokenizer.pad_token_id).to(run.accelerator.device)
-    diff = check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
-    for finding in monitor.reference_check(diff, run.reference.equals_initial_policy):
-        logger.warning("health: %s", finding)
-
-
 def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
     """Update patience with the eval metric; True when training should stop."""
     name = run.cfg.eval.early_stopping_metric
@@ -231,63 +220,20 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     # leaves FSDP2's root unit unsharded and load_checkpoint writes into the shards.
     verify_run_prefix_sharing(run, prepared)
     tracker = Tracker(out_dir, cfg.output.report_to, to_dict(cfg), enabled=acc.is_main_process)
-    monitor = _watch_health(tracker, out_dir, resumed=state.step > 0)
+    monitor = watch_health(tracker, out_dir, resumed=state.step > 0)
     initial_eval = None
     if state.step == 0:
-        _check_reference(run, monitor)
+        check_reference_at_start(run, monitor)
         initial_eval = _eval(run, prepared)
         if initial_eval is not None:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
     result = _Loop(run, prepared, state, tracker, out_dir).run_all()
     if acc.is_main_process:
-        result.judge = _judge_saved_model(cfg, out_dir, result)
-        _write_health_and_report(out_dir, monitor)
+        result.judge = judge_saved_model(cfg, out_dir)
+        write_health_and_report(out_dir, monitor)
     result.initial_eval = initial_eval
     tracker.close()
     return result
-
-
-def _watch_health(tracker: Tracker, out_dir: Path, *, resumed: bool) -> HealthMonitor:
-    """A health monitor fed every logged record; warnings go to the log as they appear."""
-    monitor = HealthMonitor()
-    if resumed:  # continue the trends of the interrupted run
-        for record in read_metrics(out_dir):
-            monitor.update(record)
-
-    def observe(record: dict[str, Any]) -> None:
-        for finding in monitor.update(record):
-            logger.warning("health: %s", finding)
-
-    tracker.observers.append(observe)
-    return monitor
-
-
-def _judge_saved_model(cfg: ExperimentConfig, out_dir: Path, result: TrainResult) -> Any:
-    """The held-out judge comparison of the final model; a judge failure must not fail a run
-    whose model is saved (the error is logged with the command to retry)."""
-    if not (out_dir / "model").is_dir():  # paused by train.stop_after_steps: nothing final yet
-        return None
-    try:
-        return judge_after_training(cfg, out_dir)
-    except Exception as exc:  # noqa: BLE001  (the model is saved; judging is a bonus)
-        logger.warning(
-            "could not judge the saved model (%s); retry with: prefopt eval --model %s "
-            "--prompts %s --judge ...", exc, out_dir / "model", cfg.judge.prompts,
-        )  # fmt: skip
-        return None
-
-
-def _write_health_and_report(out_dir: Path, monitor: HealthMonitor) -> None:
-    """health.json and the HTML report; a plotting failure must not fail a finished run."""
-    findings = [dataclasses.asdict(f) for f in monitor.summary()]
-    (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
-    for finding in monitor.summary():
-        logger.warning("health summary: %s", finding)
-    try:
-        path = write_report(out_dir)
-        logger.info("report: %s", path)
-    except Exception as exc:  # noqa: BLE001  (the model is saved; the report is a bonus)
-        logger.warning("could not write the report: %s", exc)
 
 
 def _config_yaml(cfg: ExperimentConfig) -> str:

@@ -1,0 +1,88 @@
+"""What a training run does once, around the loop: the step-0 reference check, the health
+monitor that watches every logged record, and at the end the judge comparison of the saved
+model, health.json and the HTML report. Failures at the end are logged, never raised: by then
+the model is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefopt.collate import collate_pairs
+from prefopt.config import ExperimentConfig
+from prefopt.final_judge import judge_after_training
+from prefopt.health import HealthMonitor
+from prefopt.reference import check_reference
+from prefopt.report import HEALTH_FILE, write_report
+from prefopt.run_setup import RunParts
+from prefopt.step import pair_keys
+from prefopt.tokenize import TokenizedPair
+from prefopt.tracking import Tracker, read_metrics
+
+__all__ = [
+    "check_reference_at_start",
+    "judge_saved_model",
+    "watch_health",
+    "write_health_and_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def check_reference_at_start(run: RunParts, monitor: HealthMonitor) -> None:
+    """Step 0: the reference must score the first batch as the starting policy does (where it
+    should equal it); the monitor turns a difference into a finding."""
+    if run.reference is None or not run.cfg.reference.verify or run.data.unpaired:
+        return
+    pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
+    batch = collate_pairs(pairs, pad_token_id=run.tokenizer.pad_token_id).to(run.accelerator.device)
+    diff = check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
+    for finding in monitor.reference_check(diff, run.reference.equals_initial_policy):
+        logger.warning("health: %s", finding)
+
+
+def watch_health(tracker: Tracker, out_dir: Path, *, resumed: bool) -> HealthMonitor:
+    """A health monitor fed every logged record; warnings go to the log as they appear."""
+    monitor = HealthMonitor()
+    if resumed:  # continue the trends of the interrupted run
+        for record in read_metrics(out_dir):
+            monitor.update(record)
+
+    def observe(record: dict[str, Any]) -> None:
+        for finding in monitor.update(record):
+            logger.warning("health: %s", finding)
+
+    tracker.observers.append(observe)
+    return monitor
+
+
+def judge_saved_model(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The held-out judge comparison of the final model; a judge failure must not fail a run
+    whose model is saved (the error is logged with the command to retry)."""
+    if not (out_dir / "model").is_dir():  # paused by train.stop_after_steps: nothing final yet
+        return None
+    try:
+        return judge_after_training(cfg, out_dir)
+    except Exception as exc:  # noqa: BLE001  (the model is saved; judging is a bonus)
+        logger.warning(
+            "could not judge the saved model (%s); retry with: prefopt eval --model %s "
+            "--prompts %s --judge ...", exc, out_dir / "model", cfg.judge.prompts,
+        )  # fmt: skip
+        return None
+
+
+def write_health_and_report(out_dir: Path, monitor: HealthMonitor) -> None:
+    """health.json and the HTML report; a plotting failure must not fail a finished run."""
+    findings = [dataclasses.asdict(f) for f in monitor.summary()]
+    (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
+    for finding in monitor.summary():
+        logger.warning("health summary: %s", finding)
+    try:
+        path = write_report(out_dir)
+        logger.info("report: %s", path)
+    except Exception as exc:  # noqa: BLE001  (the model is saved; the report is a bonus)
+        logger.warning("could not write the report: %s", exc)
