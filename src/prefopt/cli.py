@@ -174,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_sft.set_defaults(func=cmd_train)
     _add_eval(sub)
     _add_report(sub)
+    from prefopt.commands_data import add_data_parser
     from prefopt.commands_eval import add_generate_parser, add_judge_parser, add_score_parser
 
     add_generate_parser(sub)
     add_judge_parser(sub)
     add_score_parser(sub)
+    add_data_parser(sub)
     return parser
 
 

@@ -1,0 +1,390 @@
+"""`prefopt data audit`: what is in a preference file, and what is wrong with it.
+
+Every finding is a list of source row indices, so `prefopt data clean` can remove exactly what
+the audit flagged (see `FINDINGS` for the rules, in the order they are checked). Lengths are
+counted in tokens with a tokenizer (through `prefopt.tokenize.tokenize_pairs`, which also checks
+the prompt/response boundary of every row), else in whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefopt.data.records import PreferencePair, Text
+from prefopt.datatools.loader import EMPTY_FIELD, LoadedData
+from prefopt.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "FINDINGS",
+    "PROBLEMS",
+    "AuditReport",
+    "audit_data",
+    "load_audit_tokenizer",
+    "text_key",
+]
+
+DEFAULT_MAX_LENGTH = 512
+"""prefopt's default `data.max_length` (`prefopt.config.DataConfig`), used without --max-length."""
+
+FINDINGS: dict[str, str] = {
+    "unreadable": "line could not be read (too long, not UTF-8, not JSON, not an object)",
+    "unusable": "row gives no pair (bad or missing field, NaN score, tied scores, other format)",
+    "empty_field": "empty prompt or response (blank text, null, empty list)",
+    "identical": "chosen and rejected are the same text",
+    "exact_duplicate": "same prompt, chosen and rejected as an earlier row",
+    "prompt_duplicate": "same prompt as an earlier row (another pair for it; often fine)",
+    "tokenization": "the tokenizer cannot train on it (empty after tokenizing, template, ...)",
+    "boundary_fixed": "a token merges across the prompt/response boundary (encoded apart)",
+    "length_dropped": "the prompt leaves no room for a response within max_length",
+    "truncated": "prompt + longest response exceed max_length (training cuts the response)",
+    "length_gap": "one response is more than --max-length-ratio times longer than the other",
+}
+"""Finding name -> what it flags. Each row is checked against every rule."""
+
+PROBLEMS = (
+    "unreadable",
+    "unusable",
+    "empty_field",
+    "identical",
+    "exact_duplicate",
+    "tokenization",
+    "length_dropped",
+)
+"""Findings that make the verdict "needs cleaning" (the rest are warnings or information)."""
+
+_WARNINGS = ("truncated", "boundary_fixed", "length_gap")
+_STRONG_BIAS = 0.65  # share of pairs with the longer response chosen that earns a warning
+_NO_LIMIT = sys.maxsize
+
+Lengths = tuple[int, int, int]  # prompt, chosen, rejected
+
+
+@dataclass
+class AuditReport:
+    """What `audit_data` found.
+
+    Attributes:
+        source: The file.
+        format: Its detected format.
+        unit: "tokens" (with a tokenizer) or "words".
+        rows: Rows in the file.
+        usable: Rows that gave a pair.
+        findings: Finding name (see `FINDINGS`) -> flagged row indices, ascending.
+        reasons: For "unreadable", "unusable" and "tokenization": reason -> rows.
+        empty_fields: Row -> its empty field.
+        max_length: The limit the truncation findings assume.
+        lengths: Row -> (prompt, chosen, rejected) length in `unit`.
+        tokenizer: The tokenizer's special tokens and template use, if one was given.
+        notes: Caveats worth printing.
+    """
+
+    source: str
+    format: str
+    unit: str
+    rows: int
+    usable: int
+    findings: dict[str, list[int]]
+    reasons: dict[str, dict[str, list[int]]]
+    empty_fields: dict[int, str]
+    max_length: int
+    lengths: dict[int, Lengths] = field(default_factory=dict)
+    tokenizer: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def distinct_prompts(self) -> int:
+        return (
+            self.usable
+            - len(self.findings["prompt_duplicate"])
+            - len(self.findings["exact_duplicate"])
+        )
+
+    def length_stats(self) -> dict[str, dict[str, float]]:
+        """min / mean / median / p95 / max of prompt, chosen and rejected lengths."""
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(("prompt", "chosen", "rejected")):
+            values = sorted(v[i] for v in self.lengths.values())
+            if values:
+                out[name] = {
+                    "min": values[0],
+                    "mean": round(statistics.fmean(values), 2),
+                    "median": statistics.median(values),
+                    "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
+                    "max": values[-1],
+                }
+        return out
+
+    def length_bias(self) -> dict[str, float]:
+        """How often the chosen response is the longer one, and by how much on average."""
+        pairs = [(c, r) for _, c, r in self.lengths.values()]
+        if not pairs:
+            return {}
+        n = len(pairs)
+        mean_c = statistics.fmean(c for c, _ in pairs)
+        mean_r = statistics.fmean(r for _, r in pairs)
+        return {
+            "pairs": n,
+            "share_chosen_longer": round(sum(c > r for c, r in pairs) / n, 4),
+            "share_same_length": round(sum(c == r for c, r in pairs) / n, 4),
+            "share_chosen_shorter": round(sum(c < r for c, r in pairs) / n, 4),
+            "mean_chosen": round(mean_c, 2),
+            "mean_rejected": round(mean_r, 2),
+            "mean_gap": round(mean_c - mean_r, 2),
+            "relative_gap": round((mean_c - mean_r) / mean_r, 4) if mean_r else 0.0,
+        }
+
+    def verdict(self) -> str:
+        """One line: "needs cleaning", "usable, with warnings" or "looks clean", and why."""
+        problems = [f"{len(self.findings[f])} {f}" for f in PROBLEMS if self.findings[f]]
+        if problems:
+            return "needs cleaning: " + ", ".join(problems)
+        warnings = [f"{len(self.findings[f])} {f}" for f in _WARNINGS if self.findings[f]]
+        share = self.length_bias().get("share_chosen_longer", 0.5)
+        if not 1 - _STRONG_BIAS < share < _STRONG_BIAS:
+            warnings.append(f"length bias (chosen longer in {share:.0%} of pairs)")
+        if warnings:
+            return "usable, with warnings: " + ", ".join(warnings)
+        return "looks clean"
+
+    def flagged(self, rules: Sequence[str]) -> dict[int, list[str]]:
+        """Row -> the rules among `rules` that flag it (rows flagged by none are left out)."""
+        out: dict[int, list[str]] = {}
+        for rule in rules:
+            for row in self.findings[rule]:
+                out.setdefault(row, []).append(rule)
+        return dict(sorted(out.items()))
+
+    def summary(self) -> str:
+        """The audit as a few readable lines."""
+        lines = [
+            f"audit of {self.source}",
+            f"  format {self.format}: {self.rows} rows, {self.usable} usable, "
+            f"{self.distinct_prompts} distinct prompts",
+            f"  {'length (' + self.unit + ')':<18}"
+            + "".join(f"{h:>8}" for h in ("min", "mean", "median", "p95", "max")),
+        ]
+        for name, st in self.length_stats().items():
+            lines.append(
+                f"    {name:<16}{st['min']:>8}{st['mean']:>8.1f}{st['median']:>8g}"
+                f"{st['p95']:>8}{st['max']:>8}"
+            )
+        f = self.findings
+        lines.append(
+            f"  max_length {self.max_length}: truncates {len(f['truncated'])} rows, "
+            f"drops {len(f['length_dropped'])}"
+        )
+        bias = self.length_bias()
+        if bias:
+            lines.append(
+                f"  length bias: chosen longer in {bias['share_chosen_longer']:.1%} of pairs "
+                f"(same length {bias['share_same_length']:.1%}), mean gap "
+                f"{bias['mean_gap']:+g} {self.unit} ({bias['relative_gap']:+.1%})"
+            )
+        if self.tokenizer:
+            t = self.tokenizer
+            lines.append(
+                f"  tokenizer: BOS {t['bos_token']!r}, EOS {t['eos_token']!r}, chat "
+                f"template {'on' if t['chat_template'] else 'off'}"
+            )
+        lines.append("  findings:")
+        for name, rows in f.items():
+            head = ", ".join(str(r) for r in rows[:10]) + (" …" if len(rows) > 10 else "")
+            lines.append(f"    {name:<17}{len(rows):>6}  {head}".rstrip())
+        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.append(f"verdict: {self.verdict()}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able summary with every finding's rows."""
+        return {
+            "file": self.source,
+            "format": self.format,
+            "unit": self.unit,
+            "rows": self.rows,
+            "usable_rows": self.usable,
+            "distinct_prompts": self.distinct_prompts,
+            "verdict": self.verdict(),
+            "findings": {
+                name: {"count": len(rows), "rows": rows, "description": FINDINGS[name]}
+                for name, rows in self.findings.items()
+            },
+            "reasons": self.reasons,
+            "empty_fields": {str(k): v for k, v in self.empty_fields.items()},
+            "max_length": self.max_length,
+            "lengths": self.length_stats(),
+            "length_bias": self.length_bias(),
+            "tokenizer": self.tokenizer,
+            "notes": self.notes,
+        }
+
+
+def text_key(text: Text, strip: bool = False) -> object:
+    """A hashable key for text or messages (contents stripped of whitespace if `strip`)."""
+    if isinstance(text, str):
+        return text.strip() if strip else text
+    return tuple((m["role"], m["content"].strip() if strip else m["content"]) for m in text)
+
+
+def load_audit_tokenizer(model: str) -> Any:
+    """The tokenizer of a model folder, .gguf, bundled name or Hub id (no weights loaded)."""
+    from prefopt.config import ModelConfig
+    from prefopt.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=model))
+
+
+def audit_data(
+    data: LoadedData,
+    *,
+    tokenizer: Any | None = None,
+    max_length: int | None = None,
+    max_length_ratio: float | None = None,
+) -> AuditReport:
+    """Check every row of loaded paired data (see `FINDINGS`).
+
+    Args:
+        data: From `loader.load_data` (with pairs="best-worst": one pair per row).
+        tokenizer: Count tokens and check tokenization with it; None counts words.
+        max_length: Token limit the truncation findings assume (default `DEFAULT_MAX_LENGTH`).
+        max_length_ratio: Flag pairs whose longer response is more than this many times longer
+            than the shorter one ("length_gap"); None turns the rule off.
+
+    Raises:
+        ConfigError: For unpaired (KTO) data, or bad limits.
+    """
+    if not data.paired:
+        raise ConfigError("audit and clean work on paired data; this file holds unpaired rows")
+    limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
+    if limit < 2:
+        raise ConfigError(f"max_length must be at least 2, got {limit}")
+    if max_length_ratio is not None and not max_length_ratio >= 1:
+        raise ConfigError(f"max_length_ratio must be >= 1, got {max_length_ratio}")
+    pairs: list[PreferencePair] = list(data.examples)  # type: ignore[arg-type]
+    report = AuditReport(
+        source=data.source,
+        format=data.format,
+        unit="tokens" if tokenizer else "words",
+        rows=len(data.rows),
+        usable=len(pairs),
+        findings={name: [] for name in FINDINGS},
+        reasons={},
+        empty_fields=dict(data.empty_fields),
+        max_length=limit,
+    )
+    _load_findings(report, data)
+    identical = _duplicates(report, pairs)
+    candidates = [p for p in pairs if p.index not in identical]
+    if tokenizer is not None:
+        token_ids = _tokenize(report, candidates, tokenizer)
+        report.lengths = {i: (len(p), len(c), len(r)) for i, (p, c, r) in token_ids.items()}
+    else:
+        token_ids = {}
+        report.lengths = {p.index: _word_lengths(p) for p in candidates}
+        report.notes.append(
+            "lengths are whitespace-separated words (no --model): token counts, chat template "
+            "and special tokens included, will be larger"
+        )
+    if max_length is None:
+        report.notes.append(f"max_length {limit} is prefopt's default (pass --max-length)")
+    _length_findings(report, token_ids, max_length_ratio)
+    for name, rows in report.findings.items():
+        report.findings[name] = sorted(set(rows))
+    return report
+
+
+def _load_findings(report: AuditReport, data: LoadedData) -> None:
+    """Rows left out while loading: unreadable lines, unusable rows, empty fields."""
+    unreadable: dict[str, list[int]] = {}
+    unusable: dict[str, list[int]] = {}
+    for reason, rows in data.report.dropped.items():
+        if reason == EMPTY_FIELD:
+            continue  # its own finding
+        for row in rows:
+            target = unreadable if data.rows[row] is None else unusable
+            target.setdefault(reason, []).append(row)
+    report.reasons = {"unreadable": unreadable, "unusable": unusable}
+    for name, by_reason in report.reasons.items():
+        report.findings[name] = [row for rows in by_reason.values() for row in rows]
+    report.findings["empty_field"] = list(data.empty_fields)
+
+
+def _duplicates(report: AuditReport, pairs: Sequence[PreferencePair]) -> set[int]:
+    """Flag identical responses, then exact and prompt duplicates among the other rows.
+
+    Returns:
+        The rows with identical responses (left out of the later checks).
+    """
+    identical = {
+        p.index for p in pairs if text_key(p.chosen, strip=True) == text_key(p.rejected, strip=True)
+    }
+    seen_pairs: set[object] = set()
+    seen_prompts: set[object] = set()
+    for pair in pairs:
+        if pair.index in identical:
+            continue
+        prompt = text_key(pair.prompt)
+        key = (prompt, text_key(pair.chosen), text_key(pair.rejected))
+        if key in seen_pairs:
+            report.findings["exact_duplicate"].append(pair.index)
+        elif prompt in seen_prompts:
+            report.findings["prompt_duplicate"].append(pair.index)
+        seen_pairs.add(key)
+        seen_prompts.add(prompt)
+    report.findings["identical"] = sorted(identical)
+    return identical
+
+
+def _tokenize(
+    report: AuditReport, pairs: Sequence[PreferencePair], tokenizer: Any
+) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Tokenize without a length limit (so lengths are whole); flag boundary fixes and drops."""
+    from prefopt.tokenize import tokenize_pairs
+
+    tokenized, tok_report = tokenize_pairs(pairs, tokenizer, max_length=_NO_LIMIT, on_error="skip")
+    report.findings["tokenization"] = [r for rows in tok_report.dropped.values() for r in rows]
+    report.reasons["tokenization"] = tok_report.dropped
+    report.findings["boundary_fixed"] = list(tok_report.boundary_fixed)
+    report.tokenizer = {
+        "bos_token": tok_report.bos_token if tok_report.adds_bos else None,
+        "eos_token": tok_report.eos_token,
+        "chat_template": tok_report.chat_template,
+        "rows_tokenized": tok_report.kept,
+    }
+    return {t.index: (t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in tokenized}
+
+
+def _words(text: Text) -> int:
+    if isinstance(text, str):
+        return len(text.split())
+    return sum(len(m["content"].split()) for m in text)
+
+
+def _word_lengths(pair: PreferencePair) -> Lengths:
+    return _words(pair.prompt), _words(pair.chosen), _words(pair.rejected)
+
+
+def _length_findings(
+    report: AuditReport,
+    token_ids: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
+    max_length_ratio: float | None,
+) -> None:
+    """Rows max_length would drop or cut (as `prefopt.tokenize` truncates), and length gaps."""
+    limit = report.max_length
+    for row, (prompt, chosen, rejected) in report.lengths.items():
+        room = limit - prompt
+        if room <= 0:
+            report.findings["length_dropped"].append(row)
+        elif max(chosen, rejected) > room:
+            ids = token_ids.get(row)
+            if ids is not None and ids[1][:room] == ids[2][:room]:
+                report.findings["length_dropped"].append(row)  # identical once cut
+            else:
+                report.findings["truncated"].append(row)
+        longer, shorter = max(chosen, rejected), max(min(chosen, rejected), 1)
+        if max_length_ratio is not None and longer > max_length_ratio * shorter:
+            report.findings["length_gap"].append(row)

@@ -1,0 +1,144 @@
+"""Bad inputs for the data tools: each raises a DataError naming file, row (and field), or with
+on_error="skip" is left out and counted. Fixtures are tiny files written in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefopt.datatools.loader import EMPTY_FIELD, OTHER_FORMAT, load_data
+from prefopt.datatools.reader import read_raw_rows
+from prefopt.errors import DataError
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+def write_lines(path: Path, lines: list[Any]) -> Path:
+    """Rows as JSON lines; bytes are written as they are (for broken lines)."""
+    data = b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+    path.write_bytes(data)
+    return path
+
+
+def test_mixed_formats_name_the_row_or_are_skipped(tmp_path: Path) -> None:
+    chat = {
+        "prompt": [{"role": "user", "content": "p"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    unpaired = {"prompt": "p", "completion": "a", "label": True}
+    path = write_lines(tmp_path / "mixed.jsonl", [GOOD, GOOD, chat, GOOD, chat, unpaired])
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.file, info.value.row) == (str(path), 2)
+    assert "'conversational' format, but the data is in 'standard'" in str(info.value)
+    data = load_data(path, on_error="skip")
+    # A row lacking the format's columns is not another format but a row error.
+    assert data.report.dropped == {"chosen: missing column": [5], OTHER_FORMAT: [2, 4]}
+    assert [e.index for e in data.examples] == [0, 1, 3]
+
+
+def test_non_utf8_bytes_name_row_and_field(tmp_path: Path) -> None:
+    bad = b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}'
+    path = write_lines(tmp_path / "latin1.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (1, "chosen")
+    assert "not valid UTF-8" in str(info.value) and str(path) in str(info.value)
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {"line not valid UTF-8": [1]}
+    assert data.rows[1] is None and [e.index for e in data.examples] == [0, 2]
+
+
+def test_a_100_mb_line_is_refused_fast(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as f:
+        f.write(json.dumps(GOOD).encode() + b"\n")
+        f.write(b'{"prompt": "')
+        # A 100 MB hole: the file system stores no data for it (it reads as zero bytes), so
+        # the fixture costs nothing to write; the reader must still get past 100 MB of line.
+        f.seek(100_000_000, 1)
+        f.write(b'", "chosen": "a", "rejected": "b"}\n')
+        f.write(json.dumps(GOOD).encode() + b"\n")
+    assert path.stat().st_size > 100_000_000
+    start = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        read_raw_rows(path)
+    assert info.value.row == 1 and "longer than" in str(info.value)
+    raw = read_raw_rows(path, on_error="skip")
+    assert raw.rows[0] == raw.rows[2] == GOOD and raw.rows[1] is None
+    assert list(raw.skipped) == [f"line longer than {16 * 2**20} bytes"]
+    assert time.perf_counter() - start < 5  # bounded reads; never parsed
+
+
+def test_nan_scores_name_row_and_field(tmp_path: Path) -> None:
+    ok = {
+        "prompt": "p",
+        "completions": [{"response": "a", "score": 2}, {"response": "b", "score": 1}],
+    }
+    nan = {
+        "prompt": "q",
+        "completions": [{"response": "a", "score": 1}, {"response": "b", "score": float("nan")}],
+    }
+    path = write_lines(tmp_path / "uf.jsonl", [ok, nan])  # json.dumps writes NaN, json reads it
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (1, "completions[1].score")
+    assert "NaN" in str(info.value)
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {"completions[1].score: score is NaN": [1]}
+    shp = {
+        "history": "h",
+        "human_ref_A": "a",
+        "human_ref_B": "b",
+        "score_A": float("nan"),
+        "score_B": 1,
+    }
+    path = write_lines(tmp_path / "shp.jsonl", [shp])
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (0, "score_A")
+
+
+def test_invalid_json_and_non_objects(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "broken.jsonl", [GOOD, b"{not json", b"[1, 2]", GOOD])
+    with pytest.raises(DataError, match="invalid JSON on line 2") as info:
+        load_data(path)
+    assert info.value.row == 1
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {
+        "invalid JSON": [1],
+        "expected a row object (column -> value), got a list": [2],
+    }
+
+
+def test_unreadable_first_row_does_not_hide_the_format(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "first_bad.jsonl", [b"{oops", GOOD, {"prompt": "q", "chosen": "c"}]
+    )
+    data = load_data(path, on_error="skip")
+    assert data.format == "standard"
+    assert data.report.dropped == {"invalid JSON": [0], "rejected: missing column": [2]}
+
+
+def test_empty_fields_are_counted_not_raised(tmp_path: Path) -> None:
+    rows = [
+        GOOD,
+        {"prompt": " ", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": None, "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": 3},  # a type error, not an empty field
+    ]
+    path = write_lines(tmp_path / "empty.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (3, "rejected")  # the empties did not raise
+    data = load_data(path, on_error="skip")
+    assert data.empty_fields == {1: "prompt", 2: "chosen"}
+    assert data.report.dropped[EMPTY_FIELD] == [1, 2]
+    assert data.report.dropped["rejected: expected text, got a number"] == [3]
