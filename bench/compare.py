@@ -71,6 +71,9 @@ FULL = [
     Row("bigvocab long", "bigvocab", "long", "default", "fast", need_gib=26),
     Row("bigvocab long, checkpointing", "bigvocab", "long", "checkpointing", "defaults", 13),
     Row("smol135 short, LoRA r16", "smol135", "short", "lora", "lora"),
+    Row("smol135 long, LoRA r16", "smol135", "long", "lora", "lora"),
+    # Memory at no loss of speed vs TRL's fastest: prefopt's leanest settings on the big vocab.
+    Row("bigvocab short, lean memory", "bigvocab", "short", "lean", "fast"),
     Row("smol135 short, precompute", "smol135", "short", "precompute", "precompute"),
     Row("smol135 short, ablation: full logits", "smol135", "short", "full_logits", None),
     # The rows above run prefix sharing on "auto": off on short (64-token prompts, 192-token

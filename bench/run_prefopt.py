@@ -13,7 +13,7 @@ timed but not counted. Writes a `measure.RunResult` JSON to `--out`.
 Variants: default (frozen copy as reference, response-only LM head), full_logits (LM head on every
 position), precompute (reference log-probs computed once, in setup), lora (r 16, α 32,
 all-linear, no dropout; reference = adapters off), checkpointing (default + gradient
-checkpointing).
+checkpointing), lean (precompute + checkpointing + 256-row logits chunks: least memory).
 
 `--prefix-sharing` applies to any variant: auto (prefopt's default: on where the mean prompt is at
 least as long as the mean response, so off on `short`, on on `long`), on, or off. What the run
@@ -45,6 +45,13 @@ VARIANTS: dict[str, list[str]] = {
         "reference.strategy=adapter",
     ],
     "checkpointing": ["reference.strategy=copy", "model.gradient_checkpointing=true"],
+    # Least memory: no reference copy (log-probs computed once), activations recomputed, and
+    # [256, V] logits chunks instead of [1024, V] (620 MB each at a 152k vocabulary).
+    "lean": [
+        "reference.strategy=precompute",
+        "model.gradient_checkpointing=true",
+        "train.logit_chunk_size=256",
+    ],
 }
 PREFIX_SHARING = {"auto": "auto", "on": "true", "off": "false"}
 """`--prefix-sharing` → `train.prefix_sharing`."""
