@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(VENV)/bin/prefopt train $(DEMO_CONFIG) output.dir=$(DEMO_OUT) output.overwrite=true
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts bench
-	$(VENV)/bin/ruff format --check src tests scripts bench
+	$(VENV)/bin/ruff check src tests scripts bench examples
+	$(VENV)/bin/ruff format --check src tests scripts bench examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
