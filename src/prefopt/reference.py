@@ -58,6 +58,10 @@ class ModelReference:
         offload: Keep the scorer on CPU and move it to the batch's device for each forward only
             (frees its accelerator memory between forwards, at the cost of copying all its
             weights there and back on every call).
+        autocast: Context factory every forward runs under. Under mixed precision it must be
+            the one the policy runs under (`Accelerator.autocast`): the reference's scores are
+            compared with the policy's, and bf16 against fp32 arithmetic alone would show as a
+            reward of ±0.1 at step 0.
     """
 
     def __init__(
@@ -67,11 +71,13 @@ class ModelReference:
         peft_model: nn.Module | None = None,
         *,
         offload: bool = False,
+        autocast: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
     ):
         self.scorer = scorer
         self.strategy = strategy
         self.peft_model = peft_model
         self.offload = offload
+        self.autocast = autocast
         self.equals_initial_policy = strategy in ("copy", "adapter")
 
     @contextlib.contextmanager
@@ -102,7 +108,7 @@ class ModelReference:
 
     @torch.no_grad()
     def row_logps(self, rows: Rows, keys: Sequence[Hashable] = ()) -> Tensor:
-        with self._mode(), self._placed(rows.input_ids.device):
+        with self._mode(), self._placed(rows.input_ids.device), self.autocast():
             logps, _ = pair_row_logps(self.scorer, rows)  # [R]
         return logps.detach()
 
@@ -174,6 +180,13 @@ def load_or_compute_table(
     return dict(zip(keys, values.tolist(), strict=True))
 
 
+def _low_precision(model: nn.Module, device: torch.device) -> bool:
+    """Whether `model` computes in 16 bits here: 16-bit weights, or autocast active. (Its
+    log-probs are float32 either way, so their dtype says nothing.)"""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return bool(dtypes - {torch.float32}) or torch.is_autocast_enabled(device.type)
+
+
 @torch.no_grad()
 def check_reference(
     policy_scorer: nn.Module, reference: Reference, rows: TwoPassRows, keys: Sequence[Hashable]
@@ -192,7 +205,7 @@ def check_reference(
     ref = reference.row_logps(rows, keys)
     diff = (policy.float() - ref.float()).abs().max().item()
     scale = max(1.0, policy.abs().max().item())
-    tol = 1e-4 * scale if policy.dtype == torch.float32 else 2e-2 * scale
+    tol = (2e-2 if _low_precision(policy_scorer, rows.input_ids.device) else 1e-4) * scale
     if reference.equals_initial_policy:
         if diff > tol:
             raise PrefoptError(

@@ -40,7 +40,10 @@ def check_reference_at_start(run: RunParts, monitor: HealthMonitor) -> None:
         return
     pairs: list[TokenizedPair] = list(run.data.train[: run.cfg.train.batch_size])  # type: ignore[arg-type]
     batch = collate_pairs(pairs, pad_token_id=run.tokenizer.pad_token_id).to(run.accelerator.device)
-    diff = check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
+    # Under mixed precision both sides score as they will in training: under the autocast
+    # the prepared policy runs under (the reference applies it itself).
+    with run.accelerator.autocast():
+        diff = check_reference(run.scorer, run.reference, batch, pair_keys(list(range(len(pairs)))))
     for finding in monitor.reference_check(diff, run.reference.equals_initial_policy):
         logger.warning("health: %s", finding)
 
@@ -75,12 +78,15 @@ def judge_saved_model(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any] | 
         return None
 
 
-def write_health_and_report(out_dir: Path, monitor: HealthMonitor) -> None:
-    """health.json and the HTML report; a plotting failure must not fail a finished run."""
+def write_health_and_report(out_dir: Path, monitor: HealthMonitor, *, report: bool = True) -> None:
+    """health.json and (if `report`) the HTML report; a plotting failure must not fail a
+    finished run."""
     findings = [dataclasses.asdict(f) for f in monitor.summary()]
     (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
     for finding in monitor.summary():
         logger.warning("health summary: %s", finding)
+    if not report:
+        return
     try:
         path = write_report(out_dir)
         logger.info("report: %s", path)

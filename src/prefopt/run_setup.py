@@ -6,11 +6,12 @@ models → reference (checked against the starting policy) → optimizer and sch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,21 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
+    _forget_other_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
     configure_accelerator(accelerator, cfg)
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses an Accelerator whose precision
+    differs from an earlier one's; a second `train()` in one process (a notebook, a sweep)
+    may rightly ask for another. The distributed state (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def schedule_steps(cfg: ExperimentConfig, n_train: int, world: int) -> tuple[int, int]:
@@ -119,7 +132,7 @@ def lr_lambda(cfg: ExperimentConfig, total: int) -> Any:
 
 def build_policy(cfg: ExperimentConfig) -> nn.Module:
     """The trainable policy: the loaded model, LoRA-wrapped if asked, dropout off."""
-    model = load_causal_lm(cfg.model)
+    model = load_causal_lm(cfg.model, load_in_4bit=cfg.lora.enabled and cfg.lora.load_in_4bit)
     disable_dropout(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
@@ -150,18 +163,20 @@ def build_reference(
     *,
     keep_on_cpu: bool = False,
     prefix_sharing: bool = False,
+    autocast: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> Reference | None:
     """The reference of the configured strategy (before any training step).
 
     `keep_on_cpu`: leave a copy/model reference in CPU memory (it is sharded onto the devices
     later, by `prepare_reference`). `prefix_sharing`: the reference will score shared-prefix
-    rows (and a precomputed one is computed from them).
+    rows (and a precomputed one is computed from them). `autocast`: what the prepared policy's
+    forward runs under (`Accelerator.autocast`); the reference scores under it too.
     """
     strategy = cfg.reference_strategy()
     if strategy == "none":
         return None
     if strategy == "adapter":
-        return ModelReference(scorer, "adapter", peft_model=model)
+        return ModelReference(scorer, "adapter", peft_model=model, autocast=autocast)
     if strategy in ("copy", "model"):
         if strategy == "copy":
             ref_model = freeze(copy.deepcopy(_base(model)))
@@ -172,8 +187,10 @@ def build_reference(
         ref_scorer = _scorer(cfg, ref_model)
         if not (keep_on_cpu or cfg.reference.offload):
             ref_scorer = ref_scorer.to(device)
-        return ModelReference(ref_scorer, strategy, offload=cfg.reference.offload)
-    return _precomputed(cfg, model, scorer, data, device, prefix_sharing)
+        return ModelReference(
+            ref_scorer, strategy, offload=cfg.reference.offload, autocast=autocast
+        )
+    return _precomputed(cfg, model, scorer, data, device, prefix_sharing, autocast)
 
 
 def _check_reference_shares(ref_model: nn.Module, prefix_sharing: bool) -> None:
@@ -217,6 +234,7 @@ def _precomputed(
     data: PreparedData,
     device: Any,
     prefix_sharing: bool,
+    autocast: Callable[[], contextlib.AbstractContextManager[object]],
 ) -> PrecomputedReference:
     """Score every train/eval pair once with the starting policy (or `reference.model`)."""
     with_model = cfg.reference.precompute_with == "model"
@@ -231,7 +249,9 @@ def _precomputed(
         splits.append(("eval", list(data.eval)))  # type: ignore[arg-type]
     cache_root = Path(cfg.reference.cache_dir or Path.home() / ".cache" / "prefopt" / "ref_logps")
     fingerprint_model = model_fingerprint(_base(model) if not with_model else ref_scorer)
-    reference = ModelReference(ref_scorer, "precompute-source", peft_model=_peft(model, with_model))
+    reference = ModelReference(
+        ref_scorer, "precompute-source", peft_model=_peft(model, with_model), autocast=autocast
+    )
     table: dict[Hashable, float] = {}
     for split, pairs in splits:
         keys = [k for i in range(len(pairs)) for k in pair_keys([i], split)]
@@ -240,7 +260,10 @@ def _precomputed(
         # rows: the paths agree only up to float rounding, and a cached table should be exactly
         # what this run would compute.
         layout = "shared" if prefix_sharing else "two-pass"
-        extra = f"{cfg.train.response_only_logits}|{cfg.model.dtype}|{split}|{layout}"
+        extra = (
+            f"{cfg.train.response_only_logits}|{cfg.model.dtype}|{cfg.train.mixed_precision}|"
+            f"{split}|{layout}"
+        )
         name = f"{fingerprint_model}-{rows_fingerprint(rows, extra)}.safetensors"
         score = functools.partial(_score_all, cfg, reference, pairs, device, prefix_sharing)
         table.update(load_or_compute_table(cache_root / name, keys, score))
@@ -295,7 +318,7 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     prefix = _choose_prefix_sharing(cfg, accelerator, model, data, tokenizer, check=on_device)
     reference = build_reference(
         cfg, model, scorer, data, accelerator.device, keep_on_cpu=sharded,
-        prefix_sharing=prefix.enabled,
+        prefix_sharing=prefix.enabled, autocast=accelerator.autocast,
     )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
