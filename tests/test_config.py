@@ -158,6 +158,15 @@ def test_literal_violation_lists_the_choices() -> None:
         assert f"'{choice}'" in message
 
 
+@pytest.mark.parametrize("text", ["no", "off"])
+def test_yaml_bool_words_stay_choice_words(text: str, tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` as False; `train.mixed_precision=no` means the choice "no"."""
+    assert load_config(None, [f"train.mixed_precision={text}"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path, []).train.mixed_precision == "no"
+
+
 def test_override_without_equals_sign() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["loss.beta"])
@@ -216,6 +225,14 @@ def test_unknown_loss_gets_a_hint_and_the_known_list() -> None:
             r"precompute_with=model needs reference\.model",
         ),
         (["lora.load_in_4bit=true"], r"load_in_4bit=true needs lora\.enabled=true"),
+        (
+            ["lora.enabled=true", "lora.load_in_4bit=true", "train.device=cpu"],
+            r"QLoRA\) runs on a CUDA GPU, not train\.device=cpu",
+        ),
+        (
+            ["lora.enabled=true", "lora.load_in_4bit=true", "reference.strategy=copy"],
+            r"reference\.strategy=copy with lora\.load_in_4bit=true: use reference\.strategy=adapter",
+        ),
         (["data.max_prompt_length=512"], r"max_prompt_length=512 must be in \[1, data\.max_len"),
         (["data.max_prompt_length=0"], r"max_prompt_length=0 must be in"),
         (["output.report_to=[jsonl,mlflow]"], r"unknown logger 'mlflow'"),

@@ -229,8 +229,16 @@ def test_bad_lora_target_is_a_model_error() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_load_in_4bit_on_cpu_is_refused() -> None:
-    with pytest.raises(ModelError, match="CUDA"):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_load_in_4bit_without_cuda_is_refused(tmp_path: Path) -> None:
+    folder = save_toy_model(tmp_path / "m", "llama")
+    with pytest.raises(ModelError, match=r"lora\.load_in_4bit=true \(QLoRA\) needs a CUDA GPU"):
+        load_causal_lm(ModelConfig(name_or_path=str(folder)), load_in_4bit=True)
+
+
+def test_lora_on_an_unquantised_base_with_load_in_4bit_is_refused() -> None:
+    """QLoRA's adapters on a full-precision base would be plain LoRA under a QLoRA label."""
+    with pytest.raises(ModelError, match="base model was not loaded in 4-bit"):
         apply_lora(make_model("llama"), LoraConfig(enabled=True, load_in_4bit=True))
 
 

@@ -26,7 +26,9 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer location when it differs from the model's."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype. bf16/fp16 on CPU are refused until validated (see docs)."""
+    """Weights dtype. bfloat16 halves memory (on CPU it is slower than float32 and its rounding
+    shows in the rewards: for speed on a GPU prefer train.mixed_precision=bf16 with float32
+    weights). float16 weights are not trained stably without loss scaling; prefer bfloat16."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", "flex_attention", or None for transformers' choice."""
     gradient_checkpointing: bool = False
@@ -259,6 +261,9 @@ class OutputConfig:
     """Allow writing into a non-empty output folder without resuming."""
     progress: bool = True
     """Show a live progress bar."""
+    report: bool = True
+    """Write the HTML report with its plots (report/index.html) at the end. Off in sweeps and
+    tests, where plotting each run costs seconds; `prefopt report OUT_DIR` writes it later."""
 
 
 @dataclass

@@ -18,8 +18,23 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _validate_reference(cfg)
     _validate_numbers(cfg)
     _validate_prefix_sharing(cfg)
-    if cfg.lora.load_in_4bit and not cfg.lora.enabled:
+    _validate_qlora(cfg)
+
+
+def _validate_qlora(cfg: ExperimentConfig) -> None:
+    if not cfg.lora.load_in_4bit:
+        return
+    if not cfg.lora.enabled:
         raise ConfigError("lora.load_in_4bit=true needs lora.enabled=true (QLoRA)")
+    if cfg.train.device == "cpu":
+        raise ConfigError("lora.load_in_4bit=true (QLoRA) runs on a CUDA GPU, not train.device=cpu")
+    if cfg.reference.strategy == "copy":
+        # A deep copy of a 4-bit model is a second quantised base; the adapter reference
+        # (the same base, adapters off) is exactly the starting policy at no memory cost.
+        raise ConfigError(
+            "reference.strategy=copy with lora.load_in_4bit=true: use reference.strategy=adapter "
+            "(the default with LoRA), which scores the same 4-bit base with the adapters off"
+        )
 
 
 def _validate_loss(loss: LossConfig) -> None:

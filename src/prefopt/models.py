@@ -8,7 +8,9 @@ the user turns it on.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,21 +125,53 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
+def quantization_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained arguments that load the linear layers in 4-bit NF4 (QLoRA).
+
+    NF4 with double quantisation, as in the QLoRA paper (Dettmers et al. 2023, §3); matmuls
+    compute in `cfg.dtype`, or bf16 when that is float32 (4-bit × fp32 only costs time). The
+    weights load straight onto this process's GPU (LOCAL_RANK under accelerate/torchrun):
+    bitsandbytes quantises as it places them, and cannot be moved between devices afterwards.
+    """
+    if not torch.cuda.is_available():
+        raise ModelError("lora.load_in_4bit=true (QLoRA) needs a CUDA GPU; none is visible")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            "lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if cfg.dtype == "float32" else _DTYPES[cfg.dtype]
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"quantization_config": quant, "device_map": {"": device}, "dtype": compute}
+
+
+def load_causal_lm(
+    cfg: ModelConfig, name_or_path: str | None = None, *, load_in_4bit: bool = False
+) -> nn.Module:
     """Load a causal LM per `cfg` (optionally from another location, e.g. a reference model).
 
     Args:
         cfg: Model settings (dtype, attention, trust_remote_code, gradient checkpointing).
         name_or_path: Location overriding `cfg.name_or_path`.
+        load_in_4bit: Quantise the linear layers to 4-bit NF4 on the GPU (QLoRA's base).
 
     Returns:
-        The model, in train mode, on CPU.
+        The model, in train mode, on CPU (4-bit: on this process's GPU).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path or cfg.name_or_path, cfg.gguf_file)
     kwargs = _load_kwargs(cfg, source)
     kwargs["dtype"] = _DTYPES[cfg.dtype]
+    if load_in_4bit:
+        kwargs.update(quantization_kwargs(cfg))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
@@ -166,10 +200,16 @@ def apply_lora(
 ) -> nn.Module:
     """Wrap `model` with fresh LoRA adapters (peft); only adapter weights stay trainable."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.load_in_4bit and not torch.cuda.is_available():
-        raise ModelError("QLoRA (lora.load_in_4bit) needs a CUDA GPU and bitsandbytes")
+    if cfg.load_in_4bit:
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise ModelError("lora.load_in_4bit=true, but the base model was not loaded in 4-bit")
+        # Norms and LM head in fp32 for stable training; input grads for checkpointing.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )  # fmt: skip
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
