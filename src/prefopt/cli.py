@@ -49,8 +49,9 @@ def _print_summary(result: object) -> None:
     if result.judge:
         print(f"held-out judge ({result.judge['num_prompts']} prompts, policy vs reference):")
         print("\n".join(result.judge.get("lines", [])))
-    print(f"output: {result.output_dir}  (model in {result.output_dir / 'model'}; report in "
-          f"{result.output_dir / 'report' / 'index.html'})")  # fmt: skip
+    report = result.output_dir / "report" / "index.html"
+    where = f"; report in {report}" if report.exists() else ""
+    print(f"output: {result.output_dir}  (model in {result.output_dir / 'model'}{where})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

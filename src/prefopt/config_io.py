@@ -109,6 +109,18 @@ def from_dict(cls: type[T], data: Any, *, where: str) -> T:
     return cls(**kwargs)
 
 
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_bool_word(value: Any, choices: tuple[Any, ...]) -> Any:
+    """YAML 1.1 reads `no`/`off` as False: `train.mixed_precision=no` must stay "no"."""
+    if isinstance(value, bool):
+        for word in _YAML_BOOL_WORDS[value]:
+            if word in choices:
+                return word
+    return value
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch per type kind)
     """Check/convert `value` to type hint `tp`; raises ConfigError naming `where`."""
     origin = get_origin(tp)
@@ -127,6 +139,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901  (one branch 
                     raise ConfigError(f"{exc} (or null)") from None
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
+        value = _yaml_bool_word(value, get_args(tp))
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")

@@ -230,7 +230,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     result = _Loop(run, prepared, state, tracker, out_dir).run_all()
     if acc.is_main_process:
         result.judge = judge_saved_model(cfg, out_dir)
-        write_health_and_report(out_dir, monitor)
+        write_health_and_report(out_dir, monitor, report=cfg.output.report)
     result.initial_eval = initial_eval
     tracker.close()
     return result
