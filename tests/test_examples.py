@@ -1,0 +1,84 @@
+"""The example scripts in examples/, in their --fast form: they run, write their result files,
+and show the qualitative effect each one is about."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    """Import examples/<name>.py (the scripts import their sibling `_common` by plain name)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def assert_results(out: Path) -> None:
+    assert (out / "result.png").stat().st_size > 1000
+    text = (out / "result.md").read_text(encoding="utf-8")
+    assert text.startswith("# ") and "Command: `python examples/" in text and "| " in text
+
+
+def test_dpo_vs_ipo_rejected_logp_keeps_falling_only_for_dpo(tmp_path: Path) -> None:
+    runs = load("dpo_vs_ipo").main(["--fast", "--out", str(tmp_path)])
+    assert_results(tmp_path)
+    dpo = [r for r in runs if r.loss == "sigmoid"]
+    ipo = [r for r in runs if r.loss == "ipo"]
+    assert len(dpo) == len(ipo) == 2
+    for r in dpo:  # every β: still going down over the last quarter of training
+        assert r.rejected[-1] < r.rejected[0] - 2
+        assert r.tail_change(r.rejected) < -0.1
+    slowest_dpo = min(abs(r.tail_change(r.rejected)) for r in dpo)
+    for r in ipo:  # levelled off, at the per-token margin 1/(2β) IPO regresses to
+        assert abs(r.tail_change(r.rejected)) < 0.25 * slowest_dpo
+        assert r.ratio_margin() == pytest.approx(1 / (2 * r.beta), abs=0.05)
+
+
+def test_bradley_terry_recovers_order_and_unregularised_fit_widens(tmp_path: Path) -> None:
+    module = load("bradley_terry_sim")
+    rec, curves = module.main(["--fast", "--out", str(tmp_path)])
+    assert_results(tmp_path)
+    assert rec.spearman > 0.9
+    assert rec.rmse < 0.4
+    weakest = min(curves, key=lambda c: c.prior)
+    true_spread = statistics.pstdev(module.true_strengths(module.FAST.models, 1.5).values())
+    # More MM iterations (epochs) widen the gaps: monotone, and past the truth on small samples.
+    assert all(b >= a - 1e-9 for a, b in zip(weakest.spread, weakest.spread[1:], strict=False))
+    assert weakest.spread[-1] > true_spread
+    # ... which is overfitting: the held-out excess loss ends above its minimum.
+    assert weakest.excess[-1] > 1.5 * min(weakest.excess)
+
+
+def test_beta_frontier_fast_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    points = load("beta_frontier").main(["--fast", "--out", str(tmp_path)])
+    assert_results(tmp_path)
+    assert [p.beta for p in points] == [0.1, 10.0]
+    for p in points:
+        assert math.isfinite(p.reward) and math.isfinite(p.kl.per_sequence)
+        assert p.kl.num_samples == 16  # 8 prompts × 2 answers
+        assert p.train_accuracy[-1] == 1.0
+    small, large = points
+    # A large β stops pushing once β·h saturates the sigmoid: the policy moves less.
+    assert small.train_margins[-1] / small.beta > large.train_margins[-1] / large.beta
+    assert small.kl.per_sequence > large.kl.per_sequence
+
+
+@pytest.mark.slow
+def test_beta_frontier_on_the_bundled_model(tmp_path: Path) -> None:
+    """One β, few steps and prompts on SmolLM2-135M with the VADER judge (minutes)."""
+    pytest.importorskip("vaderSentiment")
+    argv = ["--out", str(tmp_path), "--betas", "0.5", "--steps", "2", "--batch-size", "4",
+            "--prompts", "4", "--samples", "1", "--max-new-tokens", "16"]  # fmt: skip
+    (point,) = load("beta_frontier").main(argv)
+    assert_results(tmp_path)
+    assert -1.0 <= point.reward <= 1.0 and -1.0 <= point.ref_reward <= 1.0
+    assert math.isfinite(point.kl.per_sequence)
