@@ -87,13 +87,19 @@ def test_tensorboard_writes_event_files(tmp_path: Path) -> None:
     assert (event.step, event.value) == (3, 0.5)
 
 
-def test_progress_disabled_is_silent(caplog: pytest.LogCaptureFixture) -> None:
-    progress = Progress(total=3, initial=0, enabled=False)
-    progress.update({"loss": 0.5})
+def test_progress_without_bar_logs_every_tenth_of_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    """No bar (logs to a file): eval lines and a step line every tenth of the run go to the log."""
+    progress = Progress(total=25, initial=0, enabled=False)
     with caplog.at_level(logging.INFO, logger="prefopt.tracking"):
-        progress.write("step 1 done")
+        for i in range(25):
+            progress.update({"loss": 0.5 - i / 100, "rewards/accuracies": 0.75})
+        progress.write("eval at step 25")
     progress.close()
-    assert "step 1 done" in caplog.text
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [s.split()[1] for s in steps] == [f"{k}/25" for k in (2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                                                  20, 22, 24, 25)]  # fmt: skip
+    assert "loss 0.2600  acc 0.75" in steps[-1] and "s left" in steps[-1]
+    assert "eval at step 25" in caplog.text
 
 
 def test_progress_bar_counts_steps(capsys: pytest.CaptureFixture[str]) -> None:

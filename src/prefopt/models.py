@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,11 +185,20 @@ def load_causal_lm(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        _enable_checkpointing(model)
     model.train()  # from_pretrained returns eval mode; callers freeze() a reference explicitly
     logger.info("loaded %s (%s, %.1f M parameters)", source.location, cfg.dtype, _millions(model))
     return model
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 def _millions(model: nn.Module) -> float:
@@ -218,7 +228,9 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+        with warnings.catch_warnings():  # peft asks transformers' deprecated checkpointing alias
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            peft_model = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {exc}") from None
     if gradient_checkpointing:  # checkpointed blocks need inputs that require grad

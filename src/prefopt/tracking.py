@@ -122,18 +122,24 @@ def _end_torn_line(path: Path) -> None:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, accuracy, margin and ETA."""
+    """A tqdm bar over optimizer steps showing loss, accuracy, margin and ETA. Without the bar
+    (`output.progress=false`, logs to a file) the same goes to the log every tenth of the run."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self._bar: Any = None
         self.start = time.perf_counter()
+        self.total, self.initial, self.step = total, initial, initial
+        self.log_every = max(1, total // 10)
         if enabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", leave=True)
 
     def update(self, metrics: dict[str, float]) -> None:
+        self.step += 1
         if self._bar is None:
+            if self.step % self.log_every == 0 or self.step == self.total:
+                self._log_line(metrics)
             return
         self._bar.set_postfix(
             loss=f"{metrics.get('loss', math.nan):.4f}",
@@ -142,6 +148,15 @@ class Progress:
             refresh=False,
         )
         self._bar.update(1)
+
+    def _log_line(self, metrics: dict[str, float]) -> None:
+        per_step = (time.perf_counter() - self.start) / max(1, self.step - self.initial)
+        logger.info(
+            "step %d/%d  loss %.4f  acc %.2f  margin %.3f  (%.1f s/step, %.0f s left)",
+            self.step, self.total, metrics.get("loss", math.nan),
+            metrics.get("rewards/accuracies", math.nan), metrics.get("rewards/margins", math.nan),
+            per_step, per_step * (self.total - self.step),
+        )  # fmt: skip
 
     def write(self, text: str) -> None:
         if self._bar is not None:
