@@ -231,7 +231,7 @@ def test_unknown_loss_gets_a_hint_and_the_known_list() -> None:
         ),
         (
             ["lora.enabled=true", "lora.load_in_4bit=true", "reference.strategy=copy"],
-            r"reference\.strategy=copy with lora\.load_in_4bit=true: use reference\.strategy=adapter",
+            r"reference\.strategy=copy with lora\.load_in_4bit=true: use reference\.strategy=ad",
         ),
         (["data.max_prompt_length=512"], r"max_prompt_length=512 must be in \[1, data\.max_len"),
         (["data.max_prompt_length=0"], r"max_prompt_length=0 must be in"),
@@ -381,3 +381,21 @@ def test_example_config_loads(path: Path, tmp_path: Path) -> None:
     assert math.isfinite(cfg.optim.lr)
     save_config(cfg, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "sharded", "fused"),
+    [([], False, True), ([], True, None), (["optim.fused=false"], False, None),
+     (["optim.fused=true"], True, True)],
+)  # fmt: skip
+def test_adamw_is_fused_unless_sharded_or_told(
+    override: list[str], sharded: bool, fused: bool | None
+) -> None:
+    """Fused AdamW by default (faster, no grouped temporaries); torch's default under sharding."""
+    import torch
+
+    from prefopt.run_setup import make_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = make_optimizer(load_config(None, override), [param], sharded=sharded)
+    assert optimizer.defaults["fused"] is fused
