@@ -160,8 +160,9 @@ class OptimConfig:
     """Clip the gradient norm to this (None: no clipping)."""
     fused: bool | None = None
     """AdamW's fused kernel (one pass per tensor). On CPU, for a 194 M-parameter model, its step
-    took 0.1 s instead of 0.36 s and peaked 0.4 GiB lower than torch's foreach default
-    (docs/benchmarks.md). None: fused, except when FSDP/DeepSpeed shard the weights."""
+    took about 0.1 s instead of 0.45 s and peaked 0.8 GiB lower than torch's foreach default
+    (bench/adamw_step.py, docs/benchmarks.md). None: fused, except when FSDP/DeepSpeed shard
+    the weights."""
 
 
 @dataclass
