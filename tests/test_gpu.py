@@ -35,9 +35,9 @@ from prefopt.prefix_sharing import (
 )
 from prefopt.run_setup import RunParts
 from prefopt.tokenize import TokenizedPair, tokenize_pairs
-from prefopt.trainer import TrainResult, train
+from prefopt.trainer import TrainResult
 from toy import make_tokenizer, toy_pairs
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,19 +78,7 @@ def fresh_accelerate_state() -> Iterator[None]:
 
 def run(assets: dict[str, Path], out: Path, *extra: str) -> TrainResult:
     """Train on the GPU: 24 learnable pairs, 4 per step, lr 1e-2 (18 steps unless `extra`)."""
-    base = [
-        f"model.name_or_path={assets['model']}",
-        f"data.train={assets['train']}",
-        f"data.eval={assets['eval']}",
-        f"output.dir={out}",
-        "optim.lr=1e-2",
-        "optim.warmup_ratio=0",
-        "train.batch_size=4",
-        "train.epochs=3",
-        "train.device=cuda",
-        "output.progress=false",
-    ]
-    return train(load_config(None, base + list(extra)))
+    return toy_train(assets, out, "train.device=cuda", *extra)
 
 
 def train_lines(out: Path) -> list[dict[str, Any]]:

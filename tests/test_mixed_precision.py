@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.config_io import load_config
-from prefopt.trainer import TrainResult, train
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from prefopt.trainer import TrainResult
+from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
 
 LN2 = math.log(2.0)
 
@@ -27,20 +26,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run(assets: dict[str, Path], out: Path, *overrides: str) -> TrainResult:
-    base = [
-        f"model.name_or_path={assets['model']}",
-        f"data.train={assets['train']}",
-        f"data.eval={assets['eval']}",
-        f"output.dir={out}",
-        "optim.lr=1e-2",
-        "optim.warmup_ratio=0",
-        "train.batch_size=4",
-        "train.max_steps=2",
-        "train.device=cpu",
-        "output.progress=false",
-        "output.report=false",
-    ]
-    return train(load_config(None, base + list(overrides)))
+    return toy_train(
+        assets, out, "train.max_steps=2", "train.device=cpu", "output.report=false", *overrides
+    )
 
 
 def health_kinds(out: Path) -> list[str]:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError
-from prefopt.trainer import Interrupted, TrainResult, train
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from prefopt.trainer import Interrupted, TrainResult
+from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run(assets: dict[str, Path], out: Path, *overrides: str) -> TrainResult:
-    base = [
-        f"model.name_or_path={assets['model']}",
-        f"data.train={assets['train']}",
-        f"data.eval={assets['eval']}",
-        f"output.dir={out}",
-        "optim.lr=1e-2",
-        "optim.warmup_ratio=0",
-        "train.batch_size=4",
-        "train.epochs=3",
-        "output.progress=false",
-    ]
-    return train(load_config(None, base + list(overrides)))
+    return toy_train(assets, out, *overrides)
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -76,3 +76,23 @@ def learnable_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def toy_train(assets: dict[str, Path], out: Path, *overrides: str) -> Any:
+    """`prefopt.trainer.train` on toy assets ("model", "train", "eval" paths) into `out`: lr 1e-2,
+    no warm-up, 4 pairs per step, 3 epochs, no progress bar; `overrides` come last and win."""
+    from prefopt.config_io import load_config
+    from prefopt.trainer import train
+
+    base = [
+        f"model.name_or_path={assets['model']}",
+        f"data.train={assets['train']}",
+        f"data.eval={assets['eval']}",
+        f"output.dir={out}",
+        "optim.lr=1e-2",
+        "optim.warmup_ratio=0",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "output.progress=false",
+    ]
+    return train(load_config(None, base + list(overrides)))
