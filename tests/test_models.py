@@ -236,6 +236,33 @@ def test_load_in_4bit_without_cuda_is_refused(tmp_path: Path) -> None:
         load_causal_lm(ModelConfig(name_or_path=str(folder)), load_in_4bit=True)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "compute"), [("float32", torch.bfloat16), ("float16", torch.float16)]
+)
+def test_qlora_load_arguments(
+    dtype: str, compute: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What from_pretrained gets for QLoRA (the load itself needs CUDA: tests/test_gpu.py):
+    NF4 with double quantisation, matmuls in 16 bits, straight onto this process's GPU."""
+    import importlib.util
+
+    import prefopt.models as models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec",
+        lambda name: object() if name == "bitsandbytes" else real_find_spec(name),
+    )  # fmt: skip
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    kwargs = models.quantization_kwargs(ModelConfig(dtype=dtype))  # type: ignore[arg-type]
+    quant = kwargs["quantization_config"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4"
+    assert quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == compute and kwargs["dtype"] == compute
+    assert kwargs["device_map"] == {"": 1}
+
+
 def test_lora_on_an_unquantised_base_with_load_in_4bit_is_refused() -> None:
     """QLoRA's adapters on a full-precision base would be plain LoRA under a QLoRA label."""
     with pytest.raises(ModelError, match="base model was not loaded in 4-bit"):
