@@ -121,7 +121,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
     assets = Assets(args.root or default_root())
     cfg = load_config(
         None,
-        overrides(assets, args.model, args.data, args.variant, n_steps, tmp, args.prefix_sharing),
+        overrides(assets, args.model, args.data, args.variant, n_steps, tmp, args.prefix_sharing)
+        + list(args.set),
     )
     t0 = time.perf_counter()
     run = build_run(cfg)
@@ -151,6 +152,10 @@ def main() -> None:
         choices=list(PREFIX_SHARING),
         help="train.prefix_sharing: auto (the default), on or off (ablation)",
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="extra prefopt config override, after the variant's (repeatable; for ablations)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     parser.add_argument("--steps", type=int, default=2, help="measured steps")
     parser.add_argument("--root", type=Path, default=None, help="assets root")

@@ -23,6 +23,7 @@ from torch import nn
 from prefopt.collate import collate_pairs
 from prefopt.config import ExperimentConfig
 from prefopt.errors import ConfigError
+from prefopt.malloc_tuning import keep_freed_memory
 from prefopt.models import apply_lora, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from prefopt.pipeline import PreparedData, prepare_data
 from prefopt.prefix_choice import (
@@ -77,6 +78,8 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     """An Accelerator for the configured device and precision."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
