@@ -13,7 +13,8 @@ timed but not counted. Writes a `measure.RunResult` JSON to `--out`.
 Variants: default (frozen copy as reference, response-only LM head), full_logits (LM head on every
 position), precompute (reference log-probs computed once, in setup), lora (r 16, α 32,
 all-linear, no dropout; reference = adapters off), checkpointing (default + gradient
-checkpointing), lean (precompute + checkpointing + 256-row logits chunks: least memory).
+checkpointing), lean (precompute + checkpointing + 256-row logits chunks, freed memory returned
+to the system: least memory).
 
 `--prefix-sharing` applies to any variant: auto (prefopt's default: on where the mean prompt is at
 least as long as the mean response, so off on `short`, on on `long`), on, or off. What the run
@@ -51,6 +52,8 @@ VARIANTS: dict[str, list[str]] = {
         "reference.strategy=precompute",
         "model.gradient_checkpointing=true",
         "train.logit_chunk_size=256",
+        # Keeping freed blocks for reuse buys speed with memory (5.69 vs 4.88 GiB here).
+        "train.keep_freed_memory=false",
     ],
 }
 PREFIX_SHARING = {"auto": "auto", "on": "true", "off": "false"}
