@@ -189,8 +189,9 @@ class TrainConfig:
     """CPU threads for torch (None: torch's default)."""
     keep_freed_memory: bool = True
     """Linux/glibc: let freed tensor memory be reused instead of unmapped and page-faulted in
-    again (`malloc_tuning.py`). On CPU, 1.17× faster steps for about 5% more peak RSS on the
-    benchmark (docs/benchmarks.md). Applies to the whole process, from the start of training."""
+    again (`malloc_tuning.py`). On CPU, 1.17× faster steps for 4-7% more peak RSS on the
+    benchmark, but +17% in its leanest setting (docs/benchmarks.md): turn it off when memory,
+    not speed, is the limit. Applies to the whole process, from the start of training."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train."""
     stop_after_steps: int | None = None
