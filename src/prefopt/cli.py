@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +28,6 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("transformers", "accelerate", "datasets", "peft", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # peft reads transformers' deprecated `is_gradient_checkpointing` on every LoRA load: a
-    # warning the user can do nothing about.
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
 
 
 def _print_summary(result: object) -> None:

@@ -134,14 +134,16 @@ def load_policy(cfg: Any, location: str) -> nn.Module:
     import json
     from pathlib import Path
 
-    from prefopt.models import disable_dropout, load_causal_lm
+    from prefopt.models import disable_dropout, load_causal_lm, quiet_peft_wrapping
 
     adapter_cfg = Path(location) / "adapter_config.json"
     if adapter_cfg.is_file():
         from peft import PeftModel
 
         base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        model: nn.Module = PeftModel.from_pretrained(load_causal_lm(cfg.model, base_path), location)
+        base = load_causal_lm(cfg.model, base_path)
+        with quiet_peft_wrapping():
+            model: nn.Module = PeftModel.from_pretrained(base, location)
     else:
         model = load_causal_lm(cfg.model, location)
     disable_dropout(model)

@@ -9,8 +9,8 @@ the kernel page by page on first touch. On the benchmark's smol135 step that mea
 `mallopt(M_MMAP_MAX, 0)` serves large blocks from the heap instead, and a high
 `M_TRIM_THRESHOLD` keeps freed blocks there for reuse. It is the in-process form of
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` (docs/benchmarks.md, "Allocator"). The cost is
-peak RSS: about 5% higher on that benchmark, because memory freed late in a step is not handed
-back. Other C libraries (musl), macOS and Windows are left alone.
+peak RSS: 4-7% higher on that benchmark (17% in its leanest setting), because memory freed late
+in a step is not handed back. Other C libraries (musl), macOS and Windows are left alone.
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ the user turns it on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,15 @@ def _enable_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
+@contextlib.contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Wrapping a model in peft (new adapters or saved ones) reads transformers' deprecated
+    `is_gradient_checkpointing` alias: a FutureWarning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        yield
+
+
 def _millions(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
@@ -215,11 +226,9 @@ def apply_lora(
     if cfg.load_in_4bit:
         if not getattr(model, "is_loaded_in_4bit", False):
             raise ModelError("lora.load_in_4bit=true, but the base model was not loaded in 4-bit")
-        # Norms and LM head in fp32 for stable training; input grads for checkpointing.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )  # fmt: skip
+        # Norms and LM head in fp32 for stable training. Checkpointing is already on when asked
+        # (load_causal_lm) and input grads are enabled below, so peft need not do either again.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -228,8 +237,7 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():  # peft asks transformers' deprecated checkpointing alias
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        with quiet_peft_wrapping():
             peft_model = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ModelError(f"lora.target_modules={cfg.target_modules!r}: {exc}") from None
