@@ -73,7 +73,9 @@ def free_port() -> int:
 
 def launch(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run `python -m ARGS` in its own process group, so a hang cannot leave workers behind."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONFAULTHANDLER: a worker killed by a signal (SIGABRT, SIGSEGV) prints its Python stack.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", *args]
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -95,11 +97,23 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def check(proc: subprocess.CompletedProcess[str]) -> None:
-    """Exit 0, else fail with the processes' own error lines (not the launcher's traceback)."""
+    """Exit 0, else fail with the processes' own error lines and the end of their stderr.
+
+    A worker killed by a native abort (glibc, gloo, a C++ exception) prints no Python error
+    line, so the raw tail (with faulthandler's stack) is what tells where it died.
+    """
+    if proc.returncode == 0:
+        return
     lines = (proc.stdout + proc.stderr).splitlines()
-    marks = ("prefopt: ", "Error", "error:", "can't")
+    marks = ("prefopt: ", "Error", "error:", "can't", "terminate", "what()", "Fatal", "abort")
     errors = [x for x in lines if any(m in x for m in marks) and "ChildFailed" not in x]
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n" + "\n".join(errors[-30:])
+    tail = [x for x in proc.stderr.splitlines() if x.strip() and "it/s]" not in x][-60:]
+    pytest.fail(
+        f"exit {proc.returncode}:\n"
+        + "\n".join(errors[-30:])
+        + "\n--- end of stderr ---\n"
+        + "\n".join(tail)
+    )
 
 
 def train_lines(out: Path) -> list[dict[str, Any]]:
