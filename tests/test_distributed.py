@@ -344,6 +344,21 @@ def launcher_env(name: str) -> dict[str, str]:
     return dict(prepare_multi_gpu_env(args))
 
 
+def test_close_process_group_ends_the_group() -> None:
+    """`prefopt` (cli.run) destroys the default group before exit, and is a no-op without one."""
+    import torch.distributed as dist
+
+    from prefopt.cli import close_process_group
+
+    close_process_group()  # no group: nothing to do
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_accelerate_config_loads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from accelerate.commands.config.config_args import ClusterConfig
@@ -529,3 +544,6 @@ if __name__ == "__main__":  # worker: python tests/test_distributed.py {ddp,fsdp
     torch.set_num_threads(1)
     worker = {"ddp": _ddp_worker, "fsdp": _fsdp_worker}[sys.argv[1]]
     worker(json.loads(Path(sys.argv[2]).read_text()))
+    from prefopt.cli import close_process_group
+
+    close_process_group()

@@ -207,5 +207,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group, if this process has one.
+
+    Left to interpreter exit, the group's gloo/NCCL threads are torn down by C++ static
+    destructors in no fixed order, and a thread still joinable then aborts the process
+    (SIGABRT) after all its work is done: torch warns about exactly this for NCCL. CI once saw a
+    2-process CPU run die with signal 6 and no error line, which this is the likeliest cause of.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run() -> None:
+    """The `prefopt` command: `main`, then a clean exit from a multi-process launch."""
+    code = main()
+    close_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
