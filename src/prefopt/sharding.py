@@ -42,7 +42,10 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def configure_accelerator(accelerator: Accelerator, cfg: ExperimentConfig) -> None:
-    """Refuse unsupported sharding setups; fill the DeepSpeed values the loop relies on."""
+    """Refuse unsupported sharding setups; fill the DeepSpeed values the loop relies on.
+
+    (Checkpoints under DeepSpeed hold the engine's own partitioned state: deepspeed_state.)
+    """
     if accelerator.distributed_type == DistributedType.FSDP:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
@@ -52,18 +55,13 @@ def configure_accelerator(accelerator: Accelerator, cfg: ExperimentConfig) -> No
             )
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    if cfg.output.save_every or cfg.output.resume or cfg.train.stop_after_steps:
-        raise ConfigError(
-            "checkpoints are not supported under DeepSpeed (its optimizer state is partitioned "
-            "per process; prefopt checkpoints hold one whole copy): unset output.save_every, "
-            "output.resume and train.stop_after_steps, or use FSDP2 (configs/accelerate/fsdp.yaml)"
-        )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     # We feed no DataLoader to accelerate, so it cannot infer the micro-batch; and the loop does
     # its own accumulation (one backward per micro-batch, loss already divided by the global pair
     # count), so DeepSpeed must neither rescale the loss by 1/accum nor count micro-batches.
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.train.batch_size * accelerator.num_processes
     ds["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
 
 

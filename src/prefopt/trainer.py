@@ -21,10 +21,17 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from prefopt.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from prefopt.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    trainable_state,
+)
 from prefopt.collate import epoch_batches
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
+from prefopt.deepspeed_state import save_engine_state
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.final_judge import check_judge_setup
@@ -215,7 +222,8 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     state = TrainerState()
     if cfg.output.resume:
         ckpt = resolve_resume(out_dir / "checkpoints", cfg.output.resume)
-        state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+        engine = prepared if acc.distributed_type == DistributedType.DEEPSPEED else None
+        state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, engine)
     # The check build_run leaves when prepare shards the weights; after loading, since a forward
     # leaves FSDP2's root unit unsharded and load_checkpoint writes into the shards.
     verify_run_prefix_sharing(run, prepared)
@@ -259,6 +267,7 @@ class _Loop:
             state.step + cfg.train.stop_after_steps if cfg.train.stop_after_steps else None
         )
         self.start = time.perf_counter()
+        self.saved_step = state.step if state.step else -1  # a resumed step is on disk
 
     def run_all(self) -> TrainResult:
         batches = _effective_batches(self.run, self.state)
@@ -317,10 +326,12 @@ class _Loop:
         return False
 
     def save(self) -> None:
+        if self.saved_step == self.state.step:
+            return  # the last step was checkpointed by save_every already: write it once
+        self.saved_step = self.state.step
         run = self.run
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # Periodic saves are refused up front (see sharding.configure_accelerator).
-            logger.warning("no checkpoint under DeepSpeed (its optimizer state is partitioned)")
+            self._save_deepspeed()
             return
         # Under FSDP every process takes part in gathering whole tensors; the main one writes.
         weights, optim = gather_for_checkpoint(
@@ -331,6 +342,21 @@ class _Loop:
                 self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
                 self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
                 weights=weights, optimizer_state=optim,
+            )  # fmt: skip
+
+    def _save_deepspeed(self) -> None:
+        """The engine writes its partitions (every process); main adds the rest."""
+        run, acc = self.run, self.run.accelerator
+        staging = self.out_dir / "checkpoints" / f".deepspeed-{self.state.step:06d}"
+        save_engine_state(self.prepared, staging, main=self.main)
+        self.state.extra["world_size"] = acc.num_processes  # ZeRO partitions need as many
+        with whole_weights(acc, self.prepared):  # ZeRO-3 gathers on every process
+            weights = trainable_state(run.model) if self.main else None
+        if self.main:
+            save_checkpoint(
+                self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
+                self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
+                weights=weights, engine_state=staging,
             )  # fmt: skip
 
     def maybe_checkpoint(self) -> None:
