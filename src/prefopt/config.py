@@ -206,6 +206,11 @@ class TrainConfig:
     supported and the data's mean prompt has at least as many tokens as its mean response
     (shorter prompts save less than the 4-D mask costs). Checked against two-pass scoring on
     the first batch before training: auto falls back (logged), true stops."""
+    packing: bool = False
+    """Fill each micro-batch's padding with whole pairs (needs prefix sharing): rows keep the
+    width of the batch's longest pair, shorter pairs share rows, each with its own positions
+    and attention block. Fewer rows, never wider ones. Pays when lengths within a batch vary
+    (train.group_by_length=false, mixed data); length-grouped batches leave little to fill."""
 
 
 @dataclass

@@ -49,8 +49,11 @@ def micro_step(
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_length: int | None = None,
     prefix_sharing: bool = False,
+    pack: bool = False,
 ) -> tuple[StepOutput, int]:
     """Collate `examples` (dataset `positions`) and run the loss; returns (output, tokens).
+
+    `pack`: with `prefix_sharing`, fill the rows' padding with whole pairs (`train.packing`).
 
     `prefix_sharing`: lay pairs out as shared-prefix rows (the scorer, and a model reference's
     scorer, must be `SharedPrefixLogprobModel`s); unpaired and SFT rows ignore it. Tokens count
@@ -73,7 +76,7 @@ def micro_step(
     pairs: list[TokenizedPair] = list(examples)  # type: ignore[arg-type]
     batch: PairBatch | SharedPrefixBatch
     if prefix_sharing:
-        batch = collate_shared_prefix(pairs, pad_token_id=pad_token_id).to(device)
+        batch = collate_shared_prefix(pairs, pad_token_id=pad_token_id, pack=pack).to(device)
         tokens = batch.pair_tokens
     else:
         batch = collate_pairs(pairs, pad_token_id=pad_token_id).to(device)
@@ -99,9 +102,10 @@ def evaluate_dataset(
     on_batch: Callable[[Sequence[int], StepOutput], None] | None = None,
     max_length: int | None = None,
     prefix_sharing: bool = False,
+    pack: bool = False,
 ) -> dict[str, float]:
     """Mean metrics over `examples` in eval mode (no dropout), in order, batch by batch
-    (`prefix_sharing`: see `micro_step`)."""
+    (`prefix_sharing`, `pack`: see `micro_step`)."""
     was_training = scorer.training
     scorer.eval()
     acc = MetricAccumulator()
@@ -112,7 +116,7 @@ def evaluate_dataset(
             out, _ = micro_step(
                 scorer, reference, chunk, positions, loss_cfg,
                 pad_token_id=pad_token_id, device=device, split=split, max_length=max_length,
-                prefix_sharing=prefix_sharing,
+                prefix_sharing=prefix_sharing, pack=pack,
             )  # fmt: skip
             acc.add(out.metrics)
             if on_batch is not None:

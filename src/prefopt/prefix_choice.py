@@ -84,6 +84,7 @@ def choose_prefix_sharing(
     pairs: Sequence[TokenizedPair],
     *,
     paired: bool,
+    packing: bool = False,
 ) -> PrefixSharingChoice:
     """Resolve `train.prefix_sharing` for a model and its training pairs (static checks only).
 
@@ -93,6 +94,7 @@ def choose_prefix_sharing(
         model: The policy (a transformers causal LM or a peft model around one).
         pairs: The training pairs (their lengths decide "auto").
         paired: Whether the loss works on pairs (KTO and SFT don't: they keep the normal path).
+        packing: `train.packing` asks for the shared layout: "auto" then skips the length rule.
     """
     if setting is False:
         return PrefixSharingChoice(False, "train.prefix_sharing=false")
@@ -113,6 +115,8 @@ def choose_prefix_sharing(
         return PrefixSharingChoice(False, f"auto: {why}")
     if setting is True:
         return PrefixSharingChoice(True, "train.prefix_sharing=true", forced=True)
+    if packing:
+        return PrefixSharingChoice(True, "auto: train.packing=true packs shared-prefix rows")
     prompt, response = _mean_lengths(pairs)
     on = prompt >= AUTO_MIN_PROMPT_RATIO * response
     relation = "≥" if on else "<"

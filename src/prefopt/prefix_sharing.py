@@ -117,16 +117,20 @@ def _shared_row_logps(
     position_ids: Tensor,
     chosen_index: Tensor,
     rejected_index: Tensor,
+    pair_rows: Tensor | None = None,
     *,
     chunk_size: int,
     response_only: bool,
 ) -> tuple[Tensor, Tensor]:
-    """([2B] float32 log-probs, [2B] long token counts): chosen of pair i at i, rejected at B+i."""
+    """([2B] float32 log-probs, [2B] long token counts): chosen of pair i at i, rejected at B+i.
+
+    `pair_rows`: [B] row of each pair when packed; None means pair i is row i."""
     lm = _causal_lm(model)
-    b = input_ids.shape[0]
+    b = input_ids.shape[0] if pair_rows is None else pair_rows.numel()
     mask = _additive_mask(attention_mask_4d, lm)
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-    rows, sources, targets = torch.cat([chosen_index, rejected_index], dim=1)  # [M] each
+    pairs, sources, targets = torch.cat([chosen_index, rejected_index], dim=1)  # [M] each
+    rows = pairs if pair_rows is None else pair_rows[pairs]  # [M]
     if response_only and _plain_head(lm):
         decoder, head = _decoder_and_head(lm)
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
@@ -167,6 +171,7 @@ class SharedPrefixLogprobModel(SequenceLogprobModel):
         position_ids: Tensor | None = None,
         chosen_index: Tensor | None = None,
         rejected_index: Tensor | None = None,
+        pair_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Args: two-pass rows (`input_ids`, `attention_mask`, `response_mask`), or a
         `SharedPrefixBatch`'s `input_ids`, `attention_mask_4d`, `position_ids`, `chosen_index`
@@ -183,7 +188,7 @@ class SharedPrefixLogprobModel(SequenceLogprobModel):
             raise TypeError("shared-prefix rows need their position_ids")
         return _shared_row_logps(
             self.model, input_ids, attention_mask, position_ids, chosen_index, rejected_index,
-            chunk_size=self.chunk_size, response_only=self.response_only,
+            pair_rows, chunk_size=self.chunk_size, response_only=self.response_only,
         )  # fmt: skip
 
 
@@ -205,6 +210,7 @@ def pair_row_logps(
         return scorer(  # type: ignore[no-any-return]
             batch.input_ids, batch.attention_mask_4d, position_ids=batch.position_ids,
             chosen_index=batch.chosen_index, rejected_index=batch.rejected_index,
+            pair_rows=batch.pair_rows,
         )  # fmt: skip
     return scorer(batch.input_ids, batch.attention_mask, batch.response_mask)  # type: ignore[no-any-return]
 
@@ -226,7 +232,7 @@ def shared_prefix_logps(
     """
     logps, counts = _shared_row_logps(
         model, batch.input_ids, batch.attention_mask_4d, batch.position_ids,
-        batch.chosen_index, batch.rejected_index,
+        batch.chosen_index, batch.rejected_index, batch.pair_rows,
         chunk_size=chunk_size, response_only=True,
     )  # fmt: skip
     b = batch.num_pairs

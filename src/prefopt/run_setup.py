@@ -383,8 +383,15 @@ def _choose_prefix_sharing(
     Logs one line, unless the check is left to `verify_run_prefix_sharing`."""
     paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
     pairs: list[TokenizedPair] = list(data.train) if paired else []  # type: ignore[arg-type]
-    choice = choose_prefix_sharing(cfg.train.prefix_sharing, model, pairs, paired=paired)
+    choice = choose_prefix_sharing(
+        cfg.train.prefix_sharing, model, pairs, paired=paired, packing=cfg.train.packing
+    )
     if not choice.enabled:
+        if cfg.train.packing and paired:
+            raise ConfigError(
+                f"train.packing=true needs prefix sharing, which is off here "
+                f"({choice.describe()}); set train.packing=false"
+            )
         logger.info(choice.describe())
         return choice
     if not check:
