@@ -8,6 +8,8 @@ in the repository:
     models/bigvocab/   the same with vocab 151936 (a Qwen-sized vocabulary)
     data/short.jsonl   ~64 prompt tokens, ~192 tokens per response
     data/long.jsonl    ~768 prompt tokens, ~128 tokens per response
+    data/mixed.jsonl   lengths spread as in real preference data: prompt 16-512 tokens and
+                       each response 16-384, log-uniform (for padding and packing)
     assets.json        what was built, with which seed (a marker: present = complete)
 
 Both model folders carry the SmolLM2 tokenizer (from the bundled model) with its chat template
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -41,6 +44,9 @@ DATASETS = {"short": (64, 192), "long": (768, 128)}
 """Data name → (mean prompt tokens, mean tokens per response)."""
 SPREAD = 0.15
 """Each row's target length is the mean × U(1 - SPREAD, 1 + SPREAD): batches carry some padding."""
+MIXED = {"mixed": ((16, 512), (16, 384))}
+"""Data name → ((prompt min, max), (response min, max)) tokens, log-uniform. Built on demand
+beside assets of an older run (no version bump: the models do not change)."""
 
 _WORD_TEXT = """
 the of and to in is that it for was on are with as his they be at one have this from by hot word
@@ -143,11 +149,40 @@ def _rows(tokenizer: Any, prompt: int, response: int, seed: int) -> list[dict[st
     ]
 
 
+def _mixed_rows(tokenizer: Any, prompt: tuple[int, int], response: tuple[int, int], seed: int
+                ) -> list[dict[str, str]]:  # fmt: skip
+    rng = random.Random(seed)
+
+    def draw(bounds: tuple[int, int]) -> int:
+        lo, hi = math.log(bounds[0]), math.log(bounds[1])
+        return round(math.exp(rng.uniform(lo, hi)))
+
+    return [
+        {
+            "prompt": _text(rng, tokenizer, draw(prompt), lead=""),
+            "chosen": _text(rng, tokenizer, draw(response), lead=" "),
+            "rejected": _text(rng, tokenizer, draw(response), lead=" "),
+        }
+        for _ in range(ROWS)
+    ]
+
+
+def _build_mixed(assets: Assets, tokenizer: Any | None = None) -> None:
+    for i, (name, (prompt, response)) in enumerate(MIXED.items()):
+        if assets.data(name).is_file():
+            continue
+        print(f"building data {name} ...", flush=True)
+        rows = _mixed_rows(tokenizer or _plain_tokenizer(), prompt, response, SEED + 100 + i)
+        with assets.data(name).open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def build_assets(root: Path | None = None, *, force: bool = False) -> Assets:
     """Build (or reuse) the models and data under `root`; returns their paths."""
     assets = Assets(root or default_root())
     marker = assets.marker
     if not force and marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION:
+        _build_mixed(assets)
         return assets
     assets.root.mkdir(parents=True, exist_ok=True)
     tokenizer = _plain_tokenizer()
@@ -162,6 +197,9 @@ def build_assets(root: Path | None = None, *, force: bool = False) -> Assets:
         with assets.data(name).open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         info["data"][name] = {"rows": ROWS, "prompt_tokens": prompt, "response_tokens": response}
+    for path in (assets.data(name) for name in MIXED):
+        path.unlink(missing_ok=True)
+    _build_mixed(assets, tokenizer)
     assets.marker.write_text(json.dumps(info, indent=2))
     return assets
 

@@ -147,7 +147,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smol135", choices=["smol135", "bigvocab"])
-    parser.add_argument("--data", default="short", choices=["short", "long"])
+    parser.add_argument("--data", default="short", choices=["short", "long", "mixed"])
     parser.add_argument("--variant", default="default", choices=sorted(VARIANTS))
     parser.add_argument(
         "--prefix-sharing",

@@ -166,9 +166,9 @@ def test_packed_training_equals_unpacked_for_five_steps(
         return batch
 
     monkeypatch.setattr(evaluation, "collate_shared_prefix", spy)
-    packed = run(assets, tmp_path / "packed", "train.packing=true")
+    packed = run(assets, tmp_path / "packed")  # train.packing=auto: on with prefix sharing
     assert any(r < n for r, n in rows_seen), f"no batch was packed: {rows_seen}"
-    plain = run(assets, tmp_path / "plain")
+    plain = run(assets, tmp_path / "plain", "train.packing=false")
     a, b = train_lines(tmp_path / "packed"), train_lines(tmp_path / "plain")
     assert [r["step"] for r in a] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b, strict=True):
@@ -177,6 +177,17 @@ def test_packed_training_equals_unpacked_for_five_steps(
     assert packed.final_eval is not None and plain.final_eval is not None
     assert packed.final_eval["loss"] == pytest.approx(plain.final_eval["loss"], abs=1e-4)
     assert packed.state.tokens_seen == plain.state.tokens_seen
+
+
+def test_packing_true_turns_auto_prefix_sharing_on() -> None:
+    """Short prompts: auto alone leaves sharing off; train.packing=true asks for it."""
+    from prefopt.prefix_choice import choose_prefix_sharing
+    from toy_models import make_model
+
+    m = make_model("llama")
+    short = [TokenizedPair(0, (1, 2), (3, 4, 5, 6), (7, 8, 9, 10))]
+    assert not choose_prefix_sharing("auto", m, short, paired=True).enabled
+    assert choose_prefix_sharing("auto", m, short, paired=True, packing=True).enabled
 
 
 def test_packing_needs_prefix_sharing(

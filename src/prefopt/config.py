@@ -104,7 +104,9 @@ class LossConfig:
 @dataclass
 class ReferenceConfig:
     strategy: Literal["auto", "copy", "model", "adapter", "precompute", "none"] = "auto"
-    """auto: adapter with LoRA, copy for full fine-tune, none for reference-free losses.
+    """auto: adapter with LoRA, copy for full fine-tune, none for reference-free losses; and
+    precompute instead of adapter/copy when training passes over the pairs twice or more
+    (paired losses, no FSDP/DeepSpeed): cheaper from the second epoch on.
     copy: frozen copy of the starting policy. model: a separate checkpoint (`model`).
     adapter: the LoRA base with adapters disabled. precompute: reference log-probs computed once
     and cached on disk. none: no reference (reference-free losses only)."""
@@ -206,11 +208,13 @@ class TrainConfig:
     supported and the data's mean prompt has at least as many tokens as its mean response
     (shorter prompts save less than the 4-D mask costs). Checked against two-pass scoring on
     the first batch before training: auto falls back (logged), true stops."""
-    packing: bool = False
-    """Fill each micro-batch's padding with whole pairs (needs prefix sharing): rows keep the
+    packing: bool | Literal["auto"] = "auto"
+    """Fill each micro-batch's padding with whole pairs, in shared-prefix rows: rows keep the
     width of the batch's longest pair, shorter pairs share rows, each with its own positions
     and attention block. Fewer rows, never wider ones. Pays when lengths within a batch vary
-    (train.group_by_length=false, mixed data); length-grouped batches leave little to fill."""
+    (train.group_by_length=false, mixed data); length-grouped batches leave little to fill.
+    auto: on whenever prefix sharing is; true: also turns prefix sharing on under auto (an
+    error where the model can't share prefixes); false: off."""
 
 
 @dataclass

@@ -93,7 +93,7 @@ def _validate_reference(cfg: ExperimentConfig) -> None:
 def _validate_prefix_sharing(cfg: ExperimentConfig) -> None:
     """`train.prefix_sharing=true` where it cannot work, before any model loads (the model's
     own attention is checked once it is loaded: `prefix_choice.choose_prefix_sharing`)."""
-    if cfg.train.packing and cfg.train.prefix_sharing is False:
+    if cfg.train.packing is True and cfg.train.prefix_sharing is False:
         raise ConfigError(
             "train.packing=true packs shared-prefix rows: set train.prefix_sharing to auto or "
             "true (or train.packing=false)"

@@ -152,7 +152,7 @@ def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[st
                 cfg.loss, pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
                 reduce_mean=lambda t: acc.reduce(t, "mean") if world > 1 else t,
                 max_length=cfg.data.max_length, prefix_sharing=run.prefix_sharing.enabled,
-                pack=cfg.train.packing,
+                pack=cfg.train.packing is not False,
             )  # fmt: skip
             # Sum over pairs / global pair count, × world since DDP averages across processes:
             # the update equals one big batch whatever the split into micro-batches/processes.
@@ -189,7 +189,7 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
         batch_size=run.cfg.eval.batch_size or run.cfg.train.batch_size,
         pad_token_id=run.tokenizer.pad_token_id, device=acc.device,
         max_length=run.cfg.data.max_length, prefix_sharing=run.prefix_sharing.enabled,
-        pack=run.cfg.train.packing,
+        pack=run.cfg.train.packing is not False,
     )  # fmt: skip
 
 
