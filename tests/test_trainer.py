@@ -143,6 +143,29 @@ def test_precomputed_reference_matches_copy_and_is_cached(assets: dict[str, Path
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes  # reused
 
 
+def test_auto_reference_precomputes_from_two_passes(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """reference.strategy=auto: a live copy for one pass over the pairs, precompute from two."""
+    caplog.set_level(logging.INFO, logger="prefopt")
+    one_pass = tmp_path / "cache1"
+    run(assets, tmp_path / "a", "train.max_steps=6", f"reference.cache_dir={one_pass}")
+    assert not one_pass.exists() and "reference: precompute" not in caplog.text  # 24 of 24
+    two_passes = tmp_path / "cache2"
+    result = run(assets, tmp_path / "b", "train.max_steps=12", f"reference.cache_dir={two_passes}")
+    assert "reference: precompute (auto: training scores each of the 24 pairs 2.0 times" in (
+        caplog.text
+    )
+    assert len(list(two_passes.glob("*.safetensors"))) == 2  # train and eval tables
+    assert result.initial_eval is not None
+    assert result.initial_eval["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert "precompute" in (tmp_path / "b" / "model" / "README.md").read_text()
+    kept = tmp_path / "cache3"  # an explicit strategy is never replaced
+    run(assets, tmp_path / "c", "train.max_steps=12", "reference.strategy=copy",
+        f"reference.cache_dir={kept}")  # fmt: skip
+    assert not kept.exists()
+
+
 def test_reference_free_simpo_trains(assets: dict[str, Path], tmp_path: Path):
     result = run(
         assets, tmp_path / "out", "loss.name=simpo", "loss.beta=2.0", "loss.simpo_gamma=0.5"

@@ -347,11 +347,12 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     total, per_epoch = schedule_steps(cfg, len(data.train), accelerator.num_processes)
-    model = build_policy(cfg)
-    scorer = _scorer(cfg, model)
     # Under FSDP/DeepSpeed, accelerate.prepare moves the shards to the GPU; moving the whole
     # model there first would need its full size on every GPU. Precompute scores before that.
     sharded = shards_weights(accelerator)
+    _auto_precompute(cfg, data, total * accelerator.num_processes, sharded=sharded)
+    model = build_policy(cfg)
+    scorer = _scorer(cfg, model)
     on_device = not sharded or cfg.reference_strategy() == "precompute"
     if on_device:
         scorer = scorer.to(accelerator.device)
@@ -366,6 +367,38 @@ def build_run(cfg: ExperimentConfig, accelerator: Accelerator | None = None) -> 
     return RunParts(
         cfg, accelerator, tokenizer, data, model, scorer, reference, optimizer, scheduler, total,
         per_epoch, prefix,
+    )  # fmt: skip
+
+
+AUTO_PRECOMPUTE_PASSES = 2
+"""`reference.strategy=auto` precomputes when training scores each pair at least this often."""
+
+
+def _auto_precompute(
+    cfg: ExperimentConfig, data: PreparedData, steps_all_processes: int, *, sharded: bool
+) -> None:
+    """Resolve `reference.strategy=auto` to precompute for multi-epoch paired runs.
+
+    A copy or adapter reference runs one reference forward per pair per epoch; precompute runs
+    one per pair in all (train and eval) and needs no reference weights in memory. From two
+    passes over the data on, precomputing is the cheaper of the two. Not under FSDP/DeepSpeed
+    (precompute scores with the whole model on each device, before sharding), not for KTO
+    (its KL rows change with every batch). Sets the strategy in `cfg` (so the report and the
+    checkpoints' config show it) and logs why.
+    """
+    if cfg.reference.strategy != "auto" or cfg.reference_strategy() not in ("copy", "adapter"):
+        return
+    paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
+    scored = steps_all_processes * cfg.train.batch_size * cfg.train.grad_accum
+    passes = scored / max(len(data.train), 1)
+    if sharded or not paired or passes < AUTO_PRECOMPUTE_PASSES:
+        return
+    cfg.reference.strategy = "precompute"
+    logger.info(
+        "reference: precompute (auto: training scores each of the %d pairs %.1f times; "
+        "their reference log-probs are computed once instead, and no reference weights are "
+        "kept). Set reference.strategy=copy/adapter to keep a live reference",
+        len(data.train), passes,
     )  # fmt: skip
 
 
@@ -384,10 +417,10 @@ def _choose_prefix_sharing(
     paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
     pairs: list[TokenizedPair] = list(data.train) if paired else []  # type: ignore[arg-type]
     choice = choose_prefix_sharing(
-        cfg.train.prefix_sharing, model, pairs, paired=paired, packing=cfg.train.packing
+        cfg.train.prefix_sharing, model, pairs, paired=paired, packing=cfg.train.packing is True
     )
     if not choice.enabled:
-        if cfg.train.packing and paired:
+        if cfg.train.packing is True and paired:
             raise ConfigError(
                 f"train.packing=true needs prefix sharing, which is off here "
                 f"({choice.describe()}); set train.packing=false"
