@@ -75,6 +75,8 @@ FULL = [
     # Memory at no loss of speed vs TRL's fastest: prefopt's leanest settings on the big vocab.
     Row("bigvocab short, lean memory", "bigvocab", "short", "lean", "fast"),
     Row("smol135 short, precompute", "smol135", "short", "precompute", "precompute"),
+    # Lengths spread as in real data: prefix sharing (auto: on) packs pairs into the padding.
+    Row("smol135 mixed", "smol135", "mixed", "default", "fast"),
     Row("smol135 short, ablation: full logits", "smol135", "short", "full_logits", None),
     # The rows above run prefix sharing on "auto": off on short (64-token prompts, 192-token
     # responses), on on long (768 + 128). Each ablation flips it for the same model and data.
@@ -88,6 +90,7 @@ NEED_GIB = {
     ("smol135", "short"): 10,
     ("bigvocab", "short"): 11,
     ("smol135", "long"): 22,
+    ("smol135", "mixed"): 12,
     ("bigvocab", "long"): 26,
 }
 """Free memory to wait for before a run (baseline peak RSS + margin)."""

@@ -94,7 +94,7 @@ def lora_config() -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smol135", choices=["smol135", "bigvocab"])
-    parser.add_argument("--data", default="short", choices=["short", "long"])
+    parser.add_argument("--data", default="short", choices=["short", "long", "mixed"])
     parser.add_argument("--variant", default="fast", choices=VARIANTS)
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     parser.add_argument("--steps", type=int, default=2, help="measured steps")
