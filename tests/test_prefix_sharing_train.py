@@ -315,3 +315,17 @@ def test_failed_check_falls_back_or_stops(monkeypatch: pytest.MonkeyPatch, caplo
         with pytest.raises(PrefoptError, match="does not apply the 4-D attention mask"):
             verify_prefix_sharing(forced, model, pairs, pad_token_id=0)
     assert model.training  # the check ran in eval mode and restored the mode
+
+
+def test_run_time_check_scores_a_short_sample() -> None:
+    """Two pairs of the batch, prompts cut to their end and responses to their start."""
+    from prefopt.prefix_choice import check_sample
+
+    long = TokenizedPair(3, tuple(range(100, 300)), tuple(range(300, 350)), tuple(range(400, 440)))
+    short = TokenizedPair(4, (1, 2), (3,), (4, 5))
+    sample = check_sample([long, short, long])
+    assert [p.index for p in sample] == [3, 4]
+    assert sample[0].prompt_ids == tuple(range(236, 300))  # the last 64: next to the responses
+    assert sample[0].chosen_ids == tuple(range(300, 332))
+    assert sample[0].rejected_ids == tuple(range(400, 432))
+    assert sample[1] == short

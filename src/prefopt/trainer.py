@@ -332,34 +332,31 @@ class _Loop:
             return  # the last step was checkpointed by save_every already: write it once
         self.saved_step = self.state.step
         run = self.run
+        engine_state: Path | None = None
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            self._save_deepspeed()
-            return
-        # Under FSDP every process takes part in gathering whole tensors; the main one writes.
-        weights, optim = gather_for_checkpoint(
-            run.accelerator, self.prepared, run.model, run.optimizer
-        )
+            weights, optim, engine_state = self._deepspeed_parts()
+        else:
+            # Under FSDP every process takes part in gathering whole tensors; main writes.
+            weights, optim = gather_for_checkpoint(
+                run.accelerator, self.prepared, run.model, run.optimizer
+            )
         if self.main:
             save_checkpoint(
                 self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
                 self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
-                weights=weights, optimizer_state=optim,
+                weights=weights, optimizer_state=optim, engine_state=engine_state,
             )  # fmt: skip
 
-    def _save_deepspeed(self) -> None:
-        """The engine writes its partitions (every process); main adds the rest."""
+    def _deepspeed_parts(self) -> tuple[dict[str, torch.Tensor] | None, None, Path]:
+        """The engine writes its partitions (every process): (whole weights on main, no
+        optimizer.pt, the folder of partitions)."""
         run, acc = self.run, self.run.accelerator
         staging = self.out_dir / "checkpoints" / f".deepspeed-{self.state.step:06d}"
         save_engine_state(self.prepared, staging, main=self.main)
         self.state.extra["world_size"] = acc.num_processes  # ZeRO partitions need as many
         with whole_weights(acc, self.prepared):  # ZeRO-3 gathers on every process
             weights = trainable_state(run.model) if self.main else None
-        if self.main:
-            save_checkpoint(
-                self.out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
-                self.state, self.config_yaml, keep=run.cfg.output.keep_checkpoints,
-                weights=weights, engine_state=staging,
-            )  # fmt: skip
+        return weights, None, staging
 
     def maybe_checkpoint(self) -> None:
         """Checkpoint every `output.save_every`; on a signal or planned stop, save and exit."""
