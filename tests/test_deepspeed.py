@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from dist_helpers import (  # noqa: F401
     final_weights,
     free_port,
     launch,
+    launch_retrying,
     one_process,
     tokens_seen,
     train_lines,
@@ -61,11 +63,14 @@ def ds_worker(request: pytest.FixtureRequest, assets: dict[str, Path]) -> dict[s
     spec_file = root / f"ds{stage}-spec.json"
     spec_file.write_text(json.dumps(spec))
     config = CONFIGS / f"deepspeed_zero{stage}.yaml"
-    proc = launch(["accelerate.commands.launch", "--config_file", str(config),
-                   "--num_processes", "2", "--main_process_port", str(free_port()),
-                   "--mixed_precision", "no", str(Path(__file__)), str(spec_file)], ROOT,
-                  env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
-    check(proc)
+
+    def start() -> subprocess.CompletedProcess[str]:
+        return launch(["accelerate.commands.launch", "--config_file", str(config),
+                       "--num_processes", "2", "--main_process_port", str(free_port()),
+                       "--mixed_precision", "no", str(Path(__file__)), str(spec_file)], ROOT,
+                      env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+
+    check(launch_retrying(start, root, f"ds{stage}"))
     result: dict[str, Any] = json.loads((root / f"ds{stage}-result.json").read_text())
     result["out"], result["split"] = root / f"ds{stage}", root / f"ds{stage}-split"
     result["accum"] = root / f"ds{stage}-accum"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from dist_helpers import (  # noqa: F401
     first_step_gradients,
     free_port,
     launch,
+    launch_retrying,
     one_process,
     tokens_seen,
     torchrun,
@@ -66,7 +68,9 @@ def ddp_worker(assets: dict[str, Path]) -> dict[str, Any]:
     root = assets["root"]
     spec = {"common": common(assets, root / "ddp"), "root": str(root)}
     (root / "ddp-spec.json").write_text(json.dumps(spec))
-    check(torchrun(str(Path(__file__)), "ddp", str(root / "ddp-spec.json"), cwd=ROOT))
+    spec_file = str(root / "ddp-spec.json")
+    check(launch_retrying(lambda: torchrun(str(Path(__file__)), "ddp", spec_file, cwd=ROOT),
+                          root, "ddp"))  # fmt: skip
     return json.loads((root / "ddp-result.json").read_text())
 
 
@@ -83,11 +87,14 @@ def fsdp_worker(assets: dict[str, Path]) -> dict[str, Any]:
     root = assets["root"]
     spec = {"common": common(assets, root / "fsdp"), "root": str(root)}
     (root / "fsdp-spec.json").write_text(json.dumps(spec))
-    proc = launch(["accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
-                   "--num_processes", "2", "--main_process_port", str(free_port()),
-                   "--mixed_precision", "no", str(Path(__file__)), "fsdp",
-                   str(root / "fsdp-spec.json")], ROOT)  # fmt: skip
-    check(proc)
+
+    def start() -> subprocess.CompletedProcess[str]:
+        return launch(["accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+                       "--num_processes", "2", "--main_process_port", str(free_port()),
+                       "--mixed_precision", "no", str(Path(__file__)), "fsdp",
+                       str(root / "fsdp-spec.json")], ROOT)  # fmt: skip
+
+    check(launch_retrying(start, root, "fsdp"))
     result: dict[str, Any] = json.loads((root / "fsdp-result.json").read_text())
     if "skip" in result:
         pytest.skip(result["skip"])
@@ -193,6 +200,27 @@ def launcher_env(name: str) -> dict[str, str]:
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
         return dict(prepare_deepspeed_cmd_env(args)[1])
     return dict(prepare_multi_gpu_env(args))
+
+
+def test_a_launch_whose_worker_died_by_a_signal_is_retried_once(tmp_path: Path) -> None:
+    """Only a death by signal is retried, once, after removing that launch's outputs."""
+    died = "  traceback : Signal 6 (SIGABRT) received by PID 123\n"
+    results = iter([(1, died), (1, died), (0, ""), (1, "ValueError: bad")])
+    calls: list[list[str]] = []
+
+    def start() -> subprocess.CompletedProcess[str]:
+        calls.append(sorted(p.name for p in tmp_path.iterdir()))
+        (tmp_path / "ddp-out").mkdir(exist_ok=True)
+        code, err = next(results)
+        return subprocess.CompletedProcess(["x"], code, "", err)
+
+    (tmp_path / "ddp-spec.json").write_text("{}")
+    with pytest.warns(UserWarning, match="retrying the launch once"):
+        assert launch_retrying(start, tmp_path, "ddp").returncode == 1  # died twice: fails
+    assert calls == [["ddp-spec.json"], ["ddp-spec.json"]]  # the outputs went, the spec stayed
+    assert launch_retrying(start, tmp_path, "ddp").returncode == 0  # no retry needed
+    assert launch_retrying(start, tmp_path, "ddp").returncode == 1  # a Python error: no retry
+    assert len(calls) == 4
 
 
 def test_close_process_group_ends_the_group() -> None:
@@ -320,7 +348,7 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     code = _cli(run)
     split = [*run, f"output.dir={root}/ddp-split"]
     codes = [_cli([*split, "train.stop_after_steps=2"]), _cli([*split, "resume=latest"])]
-    cache = root / "ref-cache"
+    cache = root / "ddp-ref-cache"  # "ddp" prefix: a retried launch starts without it
     pre = _cli([*run, "train.max_steps=1", f"output.dir={root}/ddp-pre",
                 "reference.strategy=precompute", f"reference.cache_dir={cache}"])  # fmt: skip
     if _rank() == 0:
