@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -52,6 +50,7 @@ from prefopt.run_setup import (
     verify_run_prefix_sharing,
 )
 from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
+from prefopt.stop_signals import StopFlag, stop_on_signals
 from prefopt.tracking import Progress, Tracker
 
 logger = logging.getLogger(__name__)
@@ -77,34 +76,6 @@ class TrainResult:
     stopped_early: bool = False
     judge: dict[str, Any] | None = None
     """The held-out judge comparison (`judge.json`), when `judge.prompts` was set."""
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        logger.warning("signal %d: finishing this step, then saving a checkpoint", signum)
-
-
-@contextlib.contextmanager
-def _signals(flag: _StopFlag) -> Iterator[None]:
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for s in old:
-            signal.signal(s, flag)
-    except ValueError:  # not the main thread: leave handlers alone
-        old = {}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def _effective_batches(run: RunParts, state: TrainerState) -> Iterator[list[int]]:
@@ -261,7 +232,7 @@ class _Loop:
         cfg = run.cfg
         self.run, self.prepared, self.state, self.tracker = run, prepared, state, tracker
         self.out_dir, self.config_yaml = out_dir, _config_yaml(cfg)
-        self.flag = _StopFlag()
+        self.flag = StopFlag()
         self.last: dict[str, float] = {}
         self.main = run.accelerator.is_main_process
         self.progress = Progress(run.total_steps, state.step, cfg.output.progress and self.main)
@@ -274,7 +245,7 @@ class _Loop:
     def run_all(self) -> TrainResult:
         batches = _effective_batches(self.run, self.state)
         stopped_early = False
-        with _signals(self.flag):
+        with stop_on_signals(self.flag):
             while self.state.step < self.run.total_steps:
                 self.optimizer_step(next(batches))
                 if self.maybe_eval():
