@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO-2 and ZeRO-3, for real: 2 CPU processes under `accelerate launch`.
 
-Each stage is one launch of `accelerate launch --config_file configs/accelerate/deepspeed_zeroN.yaml
---num_processes 2` running this file as its worker (`python tests/test_deepspeed.py SPEC.json`):
-`prefopt train` (the CLI's `main`) uninterrupted, then interrupted by train.stop_after_steps and
-resumed, then with gradient accumulation. DeepSpeed runs on its CPU accelerator with gloo
-(`deepspeed_state.start_deepspeed_on_cpu`).
+Each case (ZeRO-2, ZeRO-3, LoRA on ZeRO-3) is one launch of `accelerate launch --config_file
+configs/accelerate/deepspeed_zeroN.yaml --num_processes 2` running this file as its worker
+(`python tests/test_deepspeed.py SPEC.json`): `prefopt train` (the CLI's `main`) uninterrupted,
+then interrupted by train.stop_after_steps and resumed, then with gradient accumulation.
+DeepSpeed runs on its CPU accelerator with gloo (`deepspeed_state.start_deepspeed_on_cpu`).
 Checked against the 1-process × batch 8 run: per-step metrics, token counts, final weights; and
 that resuming from the engine's partitioned checkpoint equals the uninterrupted run.
 
@@ -53,14 +53,23 @@ from prefopt.deepspeed_state import (
 )
 from prefopt.errors import PrefoptError
 
+CASES = {
+    "ds2": (2, []),
+    "ds3": (3, []),
+    # LoRA dropout off: each process would draw its own masks, unlike the 1-process run.
+    "lora3": (3, ["lora.enabled=true", "lora.r=4", "lora.dropout=0"]),
+}
+"""Launch name → (ZeRO stage, extra overrides): full fine-tune on both stages, LoRA on ZeRO-3."""
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+
+@pytest.fixture(scope="module", params=list(CASES), ids=["zero2", "zero3", "zero3-lora"])
 def ds_worker(request: pytest.FixtureRequest, assets: dict[str, Path]) -> dict[str, Any]:
     """This file under `accelerate launch` with configs/accelerate/deepspeed_zeroN.yaml."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make test installs it)")
-    stage, root = int(request.param), assets["root"]
-    spec = {"common": common(assets, root / f"ds{stage}"), "root": str(root), "stage": stage}
-    spec_file = root / f"ds{stage}-spec.json"
+    name, root = str(request.param), assets["root"]
+    stage, extra = CASES[name]
+    spec = {"common": [*common(assets, root / name), *extra], "root": str(root), "name": name}
+    spec_file = root / f"{name}-spec.json"
     spec_file.write_text(json.dumps(spec))
     config = CONFIGS / f"deepspeed_zero{stage}.yaml"
 
@@ -70,31 +79,46 @@ def ds_worker(request: pytest.FixtureRequest, assets: dict[str, Path]) -> dict[s
                        "--mixed_precision", "no", str(Path(__file__)), str(spec_file)], ROOT,
                       env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
 
-    check(launch_retrying(start, root, f"ds{stage}"))
-    result: dict[str, Any] = json.loads((root / f"ds{stage}-result.json").read_text())
-    result["out"], result["split"] = root / f"ds{stage}", root / f"ds{stage}-split"
-    result["accum"] = root / f"ds{stage}-accum"
+    check(launch_retrying(start, root, name))
+    result: dict[str, Any] = json.loads((root / f"{name}-result.json").read_text())
+    result["out"], result["split"] = root / name, root / f"{name}-split"
+    result["accum"], result["lora"] = root / f"{name}-accum", bool(extra)
     return result
 
 
-def test_deepspeed_trains_like_one_process(
-    one_process: dict[str, Path], ds_worker: dict[str, Any]
-) -> None:
+@pytest.fixture(scope="module")
+def baseline(
+    request: pytest.FixtureRequest, assets: dict[str, Path], ds_worker: dict[str, Any]
+) -> Path:
+    """The 1-process × batch 8 run the launch must equal (LoRA's own for the LoRA launch)."""
+    if not ds_worker["lora"]:
+        return Path(request.getfixturevalue("one_process")["batch8"])
+    from prefopt.config_io import load_config
+    from prefopt.trainer import train
+
+    out = assets["root"] / "one-lora-batch8"
+    if not out.exists():
+        overrides = [*common(assets, out), "train.batch_size=8", *CASES["lora3"][1]]
+        train(load_config(None, overrides))
+    return out
+
+
+def test_deepspeed_trains_like_one_process(baseline: Path, ds_worker: dict[str, Any]) -> None:
     """2 × batch 4 under ZeRO equals 1 × batch 8: metrics, tokens and weights."""
     assert ds_worker["distributed_type"] == "DEEPSPEED", "accelerate did not run DeepSpeed"
     assert ds_worker["exit_code"] == 0
-    out, batch8 = ds_worker["out"], one_process["batch8"]
+    out, batch8 = ds_worker["out"], baseline
     assert_same_metrics(train_lines(out), train_lines(batch8), rel=1e-5)
     assert tokens_seen(out) == tokens_seen(batch8)
     assert_close_weights(final_weights(out), final_weights(batch8), atol=5e-5)
 
 
 def test_deepspeed_accumulation_equals_one_big_batch(
-    one_process: dict[str, Path], ds_worker: dict[str, Any]
+    baseline: Path, ds_worker: dict[str, Any]
 ) -> None:
     """2 × batch 2 × accum 2: prefopt accumulates, DeepSpeed steps once per optimizer step."""
     assert ds_worker["accum_exit"] == 0
-    accum, batch8 = ds_worker["accum"], one_process["batch8"]
+    accum, batch8 = ds_worker["accum"], baseline
     assert_same_metrics(train_lines(accum), train_lines(batch8), rel=1e-5)
     assert_close_weights(final_weights(accum), final_weights(batch8), atol=5e-5)
 
@@ -120,8 +144,14 @@ def test_deepspeed_resume_equals_uninterrupted(ds_worker: dict[str, Any]) -> Non
 
 
 def test_deepspeed_final_model_is_whole(assets: dict[str, Path], ds_worker: dict[str, Any]) -> None:
-    """ZeRO-3 partitions the weights; the saved model holds them whole."""
-    saved = load_file(str(ds_worker["out"] / "model" / "model.safetensors"))
+    """ZeRO-3 partitions the weights; the saved model holds them whole (LoRA: the adapters)."""
+    model = ds_worker["out"] / "model"
+    if ds_worker["lora"]:
+        adapters = load_file(str(model / "adapter_model.safetensors"))
+        assert adapters and all("lora_" in k for k in adapters)
+        assert all(v.numel() > 0 for v in adapters.values())
+        return
+    saved = load_file(str(model / "model.safetensors"))
     start = load_file(str(assets["model"] / "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
 
@@ -175,16 +205,16 @@ def _worker(spec: dict[str, Any]) -> None:
         return acc
 
     trainer.make_accelerator = spy  # type: ignore[assignment]
-    root, stage = Path(spec["root"]), spec["stage"]
+    root, name = Path(spec["root"]), spec["name"]
     run = ["train", *spec["common"], "train.batch_size=4"]
     code = main(run)
-    split = [*run, f"output.dir={root}/ds{stage}-split"]
+    split = [*run, f"output.dir={root}/{name}-split"]
     codes = [main([*split, "train.stop_after_steps=2"]), main([*split, "resume=latest"])]
     accum = main(["train", *spec["common"], "train.batch_size=2", "train.grad_accum=2",
-                  f"output.dir={root}/ds{stage}-accum"])  # fmt: skip
+                  f"output.dir={root}/{name}-accum"])  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         result = {"exit_code": code, "exit_codes": codes, "accum_exit": accum, **seen}
-        (root / f"ds{stage}-result.json").write_text(json.dumps(result))
+        (root / f"{name}-result.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":  # worker: python tests/test_deepspeed.py SPEC.json
