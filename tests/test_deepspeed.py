@@ -68,7 +68,8 @@ def ds_worker(request: pytest.FixtureRequest, assets: dict[str, Path]) -> dict[s
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make test installs it)")
     name, root = str(request.param), assets["root"]
     stage, extra = CASES[name]
-    spec = {"common": [*common(assets, root / name), *extra], "root": str(root), "name": name}
+    spec = {"common": [*common(assets, root / name), *extra], "root": str(root), "name": name,
+            "offload_reference": name == "ds3"}  # fmt: skip
     spec_file = root / f"{name}-spec.json"
     spec_file.write_text(json.dumps(spec))
     config = CONFIGS / f"deepspeed_zero{stage}.yaml"
@@ -116,7 +117,8 @@ def test_deepspeed_trains_like_one_process(baseline: Path, ds_worker: dict[str, 
 def test_deepspeed_accumulation_equals_one_big_batch(
     baseline: Path, ds_worker: dict[str, Any]
 ) -> None:
-    """2 × batch 2 × accum 2: prefopt accumulates, DeepSpeed steps once per optimizer step."""
+    """2 × batch 2 × accum 2: prefopt accumulates, DeepSpeed steps once per optimizer step
+    (ZeRO-3: with the reference's shards offloaded to CPU memory)."""
     assert ds_worker["accum_exit"] == 0
     accum, batch8 = ds_worker["accum"], baseline
     assert_same_metrics(train_lines(accum), train_lines(batch8), rel=1e-5)
@@ -210,8 +212,11 @@ def _worker(spec: dict[str, Any]) -> None:
     code = main(run)
     split = [*run, f"output.dir={root}/{name}-split"]
     codes = [main([*split, "train.stop_after_steps=2"]), main([*split, "resume=latest"])]
+    # ZeRO-3's accumulation run also keeps its copy reference's shards in CPU memory
+    # (offload_param): the numbers must not change.
+    offload = ["reference.offload=true"] if spec["offload_reference"] else []
     accum = main(["train", *spec["common"], "train.batch_size=2", "train.grad_accum=2",
-                  f"output.dir={root}/{name}-accum"])  # fmt: skip
+                  f"output.dir={root}/{name}-accum", *offload])  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         result = {"exit_code": code, "exit_codes": codes, "accum_exit": accum, **seen}
         (root / f"{name}-result.json").write_text(json.dumps(result))
