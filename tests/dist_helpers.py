@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefopt.config_io import load_config
+from toy_models import train_lines  # noqa: F401  (re-exported to the multi-process tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "accelerate"
@@ -136,11 +137,6 @@ def launch_retrying(
         elif not path.name.endswith("-spec.json"):
             path.unlink()
     return start()
-
-
-def train_lines(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
 
 
 def final_checkpoint(out: Path) -> Path:

@@ -37,7 +37,7 @@ from prefopt.run_setup import RunParts
 from prefopt.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.trainer import TrainResult
 from toy import make_tokenizer, toy_pairs
-from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, toy_train, train_lines, write_jsonl
 
 pytestmark = [
     pytest.mark.gpu,
@@ -79,11 +79,6 @@ def fresh_accelerate_state() -> Iterator[None]:
 def run(assets: dict[str, Path], out: Path, *extra: str) -> TrainResult:
     """Train on the GPU: 24 learnable pairs, 4 per step, lr 1e-2 (18 steps unless `extra`)."""
     return toy_train(assets, out, "train.device=cuda", *extra)
-
-
-def train_lines(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
 
 
 def health_kinds(out: Path) -> list[str]:

@@ -5,7 +5,6 @@ unpacked run, fp32 1e-4)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from test_prefix_sharing import (
     weighted,
 )
 from toy import make_tokenizer, toy_pairs
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, train_lines, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -145,11 +144,6 @@ def run(assets: dict[str, Path], out: Path, *extra: str) -> TrainResult:
             ],
         )
     )
-
-
-def train_lines(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
 
 
 def test_packed_training_equals_unpacked_for_five_steps(

@@ -7,7 +7,6 @@ The toy pairs have 14-token prompts and 8-token responses, so `auto` turns shari
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from prefopt.run_setup import build_run
 from prefopt.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.trainer import TrainResult, train
 from toy import make_tokenizer, toy_pairs
-from toy_models import learnable_pairs, make_model, save_toy_model, write_jsonl
+from toy_models import learnable_pairs, make_model, save_toy_model, train_lines, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
@@ -75,11 +74,6 @@ def overrides(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def run(assets: dict[str, Path], out: Path, *extra: str) -> TrainResult:
     return train(load_config(None, overrides(assets, out, *extra)))
-
-
-def train_lines(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
 
 
 def assert_same_runs(shared: Path, two_pass: Path, a: TrainResult, b: TrainResult) -> None:

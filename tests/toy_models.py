@@ -78,6 +78,12 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def train_lines(out: Path) -> list[dict[str, Any]]:
+    """The training-step records of a run's `metrics.jsonl`, in order."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
+
+
 def toy_train(assets: dict[str, Path], out: Path, *overrides: str) -> Any:
     """`prefopt.trainer.train` on toy assets ("model", "train", "eval" paths) into `out`: lr 1e-2,
     no warm-up, 4 pairs per step, 3 epochs, no progress bar; `overrides` come last and win."""

@@ -47,6 +47,11 @@ class PreparedData:
     format: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def paired(self) -> bool:
+        """Whether the training examples are preference pairs (not KTO rows or SFT examples)."""
+        return bool(self.train) and isinstance(self.train[0], TokenizedPair)
+
 
 def _columns(cfg: ExperimentConfig) -> ColumnMap:
     c = cfg.data.columns

@@ -154,23 +154,23 @@ def collate_shared_prefix(
     segment = torch.full((r, width), _PAD, dtype=torch.long)  # [R, T]
     slot = torch.full((r, width), -1, dtype=torch.long)  # [R, T] pair of each position
     pair_rows = torch.zeros(len(pairs), dtype=torch.long)  # [B]
-    chosen, rejected = [], []
+    chosen: list[Tensor] = [torch.empty(0)] * len(pairs)  # gather columns, by pair
+    rejected: list[Tensor] = [torch.empty(0)] * len(pairs)
     for row, group in enumerate(groups):
         start = 0
         for i in group:
             pair_rows[i] = row
             slot[row, start : start + lengths[i]] = i
-            c, rj = _place_pair(pairs[i], i, row, start, input_ids, position_ids, segment)
-            chosen.append(c)
-            rejected.append(rj)
+            chosen[i], rejected[i] = _place_pair(
+                pairs[i], i, row, start, input_ids, position_ids, segment
+            )
             start += lengths[i]
-    order = torch.tensor([i for g in groups for i in g]).argsort()  # columns by pair again
     return SharedPrefixBatch(
         input_ids=input_ids,
         attention_mask_4d=_shared_mask(segment, slot, dtype),
         position_ids=position_ids,
-        chosen_index=torch.cat([chosen[k] for k in order.tolist()], dim=1),
-        rejected_index=torch.cat([rejected[k] for k in order.tolist()], dim=1),
+        chosen_index=torch.cat(chosen, dim=1),
+        rejected_index=torch.cat(rejected, dim=1),
         token_mask=segment != _PAD,
         indices=torch.tensor([p.index for p in pairs], dtype=torch.long),
         pair_rows=pair_rows,

@@ -217,7 +217,7 @@ def auto_precompute(
     """
     if cfg.reference.strategy != "auto" or cfg.reference_strategy() not in ("copy", "adapter"):
         return
-    paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
+    paired = data.paired
     scored = steps_all_processes * cfg.train.batch_size * cfg.train.grad_accum
     passes = scored / max(len(data.train), 1)
     if sharded or not paired or passes < AUTO_PRECOMPUTE_PASSES:

@@ -210,7 +210,7 @@ def _choose_prefix_sharing(
     """Resolve `train.prefix_sharing`; with `check` (the policy is on its device) also run the
     comparison with two-pass scoring now, before a precomputed reference is built from it.
     Logs one line, unless the check is left to `verify_run_prefix_sharing`."""
-    paired = bool(data.train) and isinstance(data.train[0], TokenizedPair)
+    paired = data.paired
     pairs: list[TokenizedPair] = list(data.train) if paired else []  # type: ignore[arg-type]
     choice = choose_prefix_sharing(
         cfg.train.prefix_sharing, model, pairs, paired=paired, packing=cfg.train.packing is True

@@ -305,7 +305,8 @@ class _Loop:
         run = self.run
         engine_state: Path | None = None
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            weights, optim, engine_state = self._deepspeed_parts()
+            weights, engine_state = self._deepspeed_parts()
+            optim = None  # in engine_state, partitioned
         else:
             # Under FSDP every process takes part in gathering whole tensors; main writes.
             weights, optim = gather_for_checkpoint(
@@ -318,16 +319,16 @@ class _Loop:
                 weights=weights, optimizer_state=optim, engine_state=engine_state,
             )  # fmt: skip
 
-    def _deepspeed_parts(self) -> tuple[dict[str, torch.Tensor] | None, None, Path]:
-        """The engine writes its partitions (every process): (whole weights on main, no
-        optimizer.pt, the folder of partitions)."""
+    def _deepspeed_parts(self) -> tuple[dict[str, torch.Tensor] | None, Path]:
+        """The engine writes its partitions (every process): (whole weights on main, the
+        folder of partitions)."""
         run, acc = self.run, self.run.accelerator
         staging = self.out_dir / "checkpoints" / f".deepspeed-{self.state.step:06d}"
         save_engine_state(self.prepared, staging, main=self.main)
         self.state.extra["world_size"] = acc.num_processes  # ZeRO partitions need as many
         with whole_weights(acc, self.prepared):  # ZeRO-3 gathers on every process
             weights = trainable_state(run.model) if self.main else None
-        return weights, None, staging
+        return weights, staging
 
     def maybe_checkpoint(self) -> None:
         """Checkpoint every `output.save_every`; on a signal or planned stop, save and exit."""
