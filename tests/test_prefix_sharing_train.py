@@ -124,6 +124,18 @@ def test_training_equals_two_pass_for_five_steps(
     assert_same_runs(tmp_path / "shared", tmp_path / "two", shared, two_pass)
 
 
+def test_every_optimisation_equals_the_unoptimised_path(assets: dict[str, Path], tmp_path: Path):
+    """Issue 6's correctness target: prefix sharing, packing, the response-only chunked LM head
+    (chunks of 16 positions, so several per batch) and kept freed memory, all on, give the same
+    first 5 steps as the plain path with all of them off (fp32, 1e-4)."""
+    fast = run(assets, tmp_path / "fast", "train.prefix_sharing=true", "train.packing=true",
+               "train.response_only_logits=true", "train.logit_chunk_size=16",
+               "train.keep_freed_memory=true")  # fmt: skip
+    plain = run(assets, tmp_path / "plain", "train.prefix_sharing=false", "train.packing=false",
+                "train.response_only_logits=false", "train.keep_freed_memory=false")  # fmt: skip
+    assert_same_runs(tmp_path / "fast", tmp_path / "plain", fast, plain)
+
+
 def test_lora_checkpointing_accumulation_equal_two_pass(assets: dict[str, Path], tmp_path: Path):
     """LoRA (adapter-disabled reference; dropout 0, else the two layouts draw different dropout
     masks), gradient checkpointing and 2 micro-batches per step."""
