@@ -22,7 +22,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from prefopt.logprobs import SequenceLogprobModel, response_logprobs, sequence_logprobs
+from prefopt.logprobs import (
+    SequenceLogprobModel,
+    average_logps,
+    response_logprobs,
+    sequence_logprobs,
+)
 
 Tensor = torch.Tensor
 
@@ -92,6 +97,31 @@ def test_long_response_mask_is_treated_as_bool() -> None:
     logps, counts = response_logprobs(hidden, head, ids, mask.long())
     torch.testing.assert_close(logps, expected)
     assert counts.tolist() == [2, 2, 0]
+
+
+def test_average_logps_hand_values() -> None:
+    """The hand batch's sums over their counts: −2.7725887222 / 2 = −1.3862943611,
+    −2.9957322736 / 2 = −1.4978661368, and the fully masked row 0.0 / max(0, 1) = 0.0 (not NaN).
+    A float count of 4 gives −6.0 / 4 = −1.5; long and float counts agree.
+    """
+    logits, ids, mask = hand_batch()
+    logps, counts = sequence_logprobs(logits, ids, mask)
+    avg = average_logps(logps, counts)
+    assert avg.dtype == torch.float32
+    torch.testing.assert_close(
+        avg, torch.tensor([-1.3862943611, -1.4978661368, 0.0]), rtol=0, atol=1e-6
+    )
+    sums = torch.tensor([-6.0, -6.0, 0.0], dtype=torch.float64)
+    for n in (torch.tensor([4, 4, 0]), torch.tensor([4.0, 4.0, 0.0])):
+        out = average_logps(sums, n)
+        assert out.dtype == torch.float64 and out.tolist() == [-1.5, -1.5, 0.0]
+
+
+def test_average_logps_zero_count_has_finite_gradient() -> None:
+    """d(avg)/d(logp) = 1 / max(n, 1): 1/2 for n = 2, and 1 (not inf or NaN) for n = 0."""
+    logps = torch.tensor([-3.0, 0.0], requires_grad=True)
+    average_logps(logps, torch.tensor([2, 0])).sum().backward()
+    assert logps.grad is not None and logps.grad.tolist() == [0.5, 1.0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ response tokens only. Two paths compute it:
   never scored and [N, T, V] logits are never built, so memory does not grow with
   vocab × full sequence length.
 
-Both accumulate in float32 even when the model runs in bf16/fp16.
+Both accumulate in float32 even when the model runs in bf16/fp16. `average_logps` turns a sum
+into the per-token average the length-normalised losses use.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ def sequence_logprobs(
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))  # [N, T-1]
     return token_logps.sum(-1), mask.sum(-1)
+
+
+def average_logps(logps: Tensor, counts: Tensor) -> Tensor:
+    """Per-token average log-prob log π(y|x) / |y|, the length-normalised score.
+
+    IPO, SimPO, ORPO and the SFT term read this instead of the sum. A row with no scored token
+    (a fully masked or truncated-away response) averages to 0, never NaN: its sum is 0 too.
+
+    Args:
+        logps: [N] summed response log-probs (any float dtype; the result keeps it).
+        counts: [N] response token counts (long or float), as returned next to `logps`.
+
+    Returns:
+        [N] logps / max(counts, 1), differentiable in `logps`.
+    """
+    return logps / counts.to(logps.dtype).clamp(min=1.0)
 
 
 def _chunk_token_logps(

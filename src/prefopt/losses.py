@@ -2,7 +2,8 @@
 
 Every loss takes per-pair (or per-example) log-prob tensors and returns a `LossOutput` of
 per-pair losses (with gradient) and implicit rewards (detached). Nothing here knows about
-models, tokenizers or configs: this module imports only torch.
+models, tokenizers or configs: this module imports only torch (and `average_logps` from
+`prefopt.logprobs`, which itself imports only torch).
 
 Notation used in the docstrings (all tensors are [B], float32):
     π_c, π_r   policy log π(y_c|x), log π(y_r|x)       (summed over response tokens)
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from prefopt.logprobs import average_logps
 
 Tensor = torch.Tensor
 
@@ -62,11 +65,6 @@ class PairLogps:
     rejected_tokens: Tensor
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
-
-
-def _avg(logps: Tensor, tokens: Tensor) -> Tensor:
-    """Per-token average log-prob; a response with 0 tokens averages to 0, never NaN."""
-    return logps / tokens.to(logps.dtype).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +197,10 @@ def ipo_loss(
     Returns:
         LossOutput with [B] losses and rewards.
     """
-    chosen_ratio = _avg(policy_chosen_logps - ref_chosen_logps, chosen_tokens)  # [B]
-    rejected_ratio = _avg(policy_rejected_logps - ref_rejected_logps, rejected_tokens)  # [B]
+    chosen_ratio = average_logps(policy_chosen_logps - ref_chosen_logps, chosen_tokens)  # [B]
+    rejected_ratio = average_logps(
+        policy_rejected_logps - ref_rejected_logps, rejected_tokens
+    )  # [B]
     losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
     return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
@@ -234,8 +234,8 @@ def simpo_loss(
     Returns:
         LossOutput with [B] losses and rewards.
     """
-    chosen_rewards = beta * _avg(policy_chosen_logps, chosen_tokens)  # [B]
-    rejected_rewards = beta * _avg(policy_rejected_logps, rejected_tokens)  # [B]
+    chosen_rewards = beta * average_logps(policy_chosen_logps, chosen_tokens)  # [B]
+    rejected_rewards = beta * average_logps(policy_rejected_logps, rejected_tokens)  # [B]
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 
@@ -272,8 +272,8 @@ def orpo_loss(
         LossOutput with [B] losses and rewards.
     """
     # Clamp just below 0: a response with average log-prob 0 has infinite odds.
-    avg_chosen = _avg(policy_chosen_logps, chosen_tokens).clamp(max=-1e-6)  # [B]
-    avg_rejected = _avg(policy_rejected_logps, rejected_tokens).clamp(max=-1e-6)  # [B]
+    avg_chosen = average_logps(policy_chosen_logps, chosen_tokens).clamp(max=-1e-6)  # [B]
+    avg_rejected = average_logps(policy_rejected_logps, rejected_tokens).clamp(max=-1e-6)  # [B]
     log_odds = (avg_chosen - _log1m_exp(avg_chosen)) - (avg_rejected - _log1m_exp(avg_rejected))
     losses = -avg_chosen - beta * F.logsigmoid(log_odds)
     return LossOutput(losses, beta * avg_chosen.detach(), beta * avg_rejected.detach())
@@ -295,7 +295,7 @@ def sft_loss(
     Returns:
         LossOutput with [B] losses and zero rewards.
     """
-    losses = -_avg(policy_chosen_logps, chosen_tokens)
+    losses = -average_logps(policy_chosen_logps, chosen_tokens)
     zeros = torch.zeros_like(losses).detach()
     return LossOutput(losses, zeros, zeros)
 
