@@ -221,6 +221,19 @@ def test_ipo_swap_flips_the_margin() -> None:
     )
 
 
+@pytest.mark.parametrize("loss", [simpo_loss, orpo_loss])
+def test_reference_free_swap_flips_the_margin(loss: Callable[..., LossOutput]) -> None:
+    """SimPO and ORPO rewards are β·π/n: swapping the log-probs and the token counts together
+    swaps the rewards, so the margin changes sign and keeps its size."""
+    pc, pr, _, _ = random_pairs()
+    nc, nr = t(1, 2, 3, 4, 5, 6, 7, 8), t(8, 7, 6, 5, 4, 3, 2, 1)
+    out = loss(pc, pr, nc, nr, beta=0.3)
+    swapped = loss(pr, pc, nr, nc, beta=0.3)
+    margin = out.chosen_rewards - out.rejected_rewards
+    assert margin.abs().min() > 1e-3  # a real margin to flip, not zeros
+    torch.testing.assert_close(swapped.chosen_rewards - swapped.rejected_rewards, -margin)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_sigmoid_swap_relation(eps: float) -> None:
     """L(h) − L(−h) = −(1 − 2ε)·β·h, since log σ(x) − log σ(−x) = x."""
