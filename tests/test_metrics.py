@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefopt.losses import LossOutput, PairLogps
-from prefopt.metrics import MetricAccumulator, pair_metrics, reward_accuracy
+from prefopt.metrics import TIE_TOLERANCE, MetricAccumulator, pair_metrics, reward_accuracy
 
 
 def test_reward_accuracy_counts_ties_as_half() -> None:
@@ -17,6 +17,29 @@ def test_reward_accuracy_counts_ties_as_half() -> None:
     torch.testing.assert_close(
         reward_accuracy(chosen, rejected), torch.tensor([1.0, 0.0, 0.5, 0.5])
     )
+
+
+def test_reward_accuracy_rounding_noise_is_a_tie() -> None:
+    """Margins within 1e-6 of 0 (rounding, e.g. a precomputed reference) count half; the
+    tolerance is inclusive, and margins just past it on either side count as 1 and 0."""
+    assert TIE_TOLERANCE == 1e-6
+    chosen = torch.tensor([3e-7, 0.0, 1e-6, 2e-6, 0.0, 0.25], dtype=torch.float64)
+    rejected = torch.tensor([0.0, 3e-7, 0.0, 0.0, 2e-6, 0.25 - 1e-7], dtype=torch.float64)
+    torch.testing.assert_close(
+        reward_accuracy(chosen, rejected),
+        torch.tensor([0.5, 0.5, 0.5, 1.0, 0.0, 0.5], dtype=torch.float32),
+    )
+
+
+def test_untrained_policy_with_noisy_rewards_reads_one_half() -> None:
+    """Policy == reference up to rounding of log-probs (±5e-6 nats): β·(π − ρ) is at most
+    5e-7 at β = 0.1, so the batch's accuracy is exactly 0.5 rather than a coin flip per pair."""
+    g = torch.Generator().manual_seed(0)
+    logps = -20 * torch.rand(64, generator=g, dtype=torch.float64)
+    noisy = logps + (torch.rand(64, generator=g, dtype=torch.float64) - 0.5) * 1e-5
+    chosen, rejected = 0.1 * (noisy[:32] - logps[:32]), 0.1 * (noisy[32:] - logps[32:])
+    assert (chosen != rejected).all()  # exact equality would call none of them ties
+    assert reward_accuracy(chosen, rejected).mean().item() == 0.5
 
 
 def test_accumulator_over_two_adds_equals_mean_of_concatenation() -> None:

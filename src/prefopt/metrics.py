@@ -17,15 +17,25 @@ from prefopt.losses import LossOutput, PairLogps
 Tensor = torch.Tensor
 
 
-def reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+TIE_TOLERANCE = 1e-6
+"""A reward margin with |margin| <= this counts as a tie in `reward_accuracy` (reward units,
+i.e. β·nats). An untrained policy's rewards are 0 only up to float rounding when the reference
+is a precomputed table or prefix-shared scoring sums the tokens in another order: float32
+log-probs of a few tens of nats differ by ~1e-6, which β = 0.1 scales to ~1e-7. Exact
+equality would read that noise as accuracy 0 or 1 per pair instead of 0.5. Training moves
+margins far past this within a step, so real wins and losses still count."""
+
+
+def reward_accuracy(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, tolerance: float = TIE_TOLERANCE
+) -> Tensor:
     """[B] 1 where chosen's reward is higher, 0 where lower, 0.5 on a tie.
 
     Ties count half so that an untrained policy (all rewards 0) reads 0.5, not 0 as TRL's
-    strict '>' gives.
+    strict '>' gives. A tie is |chosen − rejected| <= `tolerance` (see `TIE_TOLERANCE`).
     """
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (
-        chosen_rewards == rejected_rewards
-    ).float()
+    margin = chosen_rewards - rejected_rewards  # [B]
+    return (margin > tolerance).float() + 0.5 * (margin.abs() <= tolerance).float()
 
 
 def pair_metrics(out: LossOutput, logps: PairLogps) -> dict[str, Tensor]:
