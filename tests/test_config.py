@@ -236,6 +236,10 @@ def test_unknown_loss_gets_a_hint_and_the_known_list() -> None:
         (["data.max_prompt_length=512"], r"max_prompt_length=512 must be in \[1, data\.max_len"),
         (["data.max_prompt_length=0"], r"max_prompt_length=0 must be in"),
         (["output.report_to=[jsonl,mlflow]"], r"unknown logger 'mlflow'"),
+        (
+            ["loss.name=kto", "reference.strategy=precompute"],
+            r"precompute is not supported with kto",
+        ),
     ],
 )
 def test_validate_rules(overrides: list[str], pattern: str) -> None:
@@ -266,6 +270,8 @@ def test_validate_rules(overrides: list[str], pattern: str) -> None:
         "data.eval_fraction=1",
         "data.max_pairs=0",
         "lora.r=0",
+        "lora.alpha=0",
+        "lora.alpha=-16",
         "lora.dropout=1",
         "eval.patience=0",
         "eval.batch_size=0",
@@ -296,6 +302,108 @@ def test_validate_numbers(override: str) -> None:
 )
 def test_valid_combinations_pass(overrides: list[str]) -> None:
     load_config(None, overrides).validate()
+
+
+EARLY_STOP = ["data.eval=held_out.jsonl", "eval.every_steps=10"]
+"""What early stopping needs besides its metric: evaluation data and evaluations in training."""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            ["eval.early_stopping_metric=rewards/accuracy", *EARLY_STOP],
+            r"unknown metric 'rewards/accuracy' \(did you mean 'rewards/accuracies'\?\); "
+            r"evaluations of this run report: loss, rewards/chosen",
+        ),
+        (["eval.early_stopping_metric=eval_loss", *EARLY_STOP], r"did you mean 'loss'"),
+        (  # KTO's evaluations have no margins
+            ["loss.name=kto", "eval.early_stopping_metric=rewards/margins", *EARLY_STOP],
+            r"unknown metric 'rewards/margins'.*report: loss, .*kl",
+        ),
+        (["eval.early_stopping_metric=loss", "eval.every_steps=10"], r"needs evaluation data"),
+        (
+            ["eval.early_stopping_metric=loss", "data.eval=held_out.jsonl"],
+            r"needs evaluations during training: set eval\.every_steps",
+        ),
+        (
+            ["eval.early_stopping_metric=loss", "data.eval_fraction=0.1", "eval.every_steps=0"],
+            r"eval\.every_steps=N \(> 0\)",
+        ),
+    ],
+)
+def test_early_stopping_that_could_never_fire_is_refused(
+    overrides: list[str], pattern: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"^eval\.early_stopping_metric"):
+        load_config(None, overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["eval.early_stopping_metric=rewards/accuracies", *EARLY_STOP],
+        ["eval.early_stopping_metric=loss", "data.eval_fraction=0.1", "eval.every_steps=5"],
+        ["loss.name=kto", "eval.early_stopping_metric=kl", *EARLY_STOP],
+        ["data.sft=true", "loss.name=sft", "eval.early_stopping_metric=perplexity", *EARLY_STOP],
+        ["eval.every_steps=0"],  # no early stopping: nothing else needed
+    ],
+)
+def test_early_stopping_that_can_fire_passes(overrides: list[str]) -> None:
+    load_config(None, overrides).validate()
+
+
+def test_known_eval_metrics_are_what_evaluations_report() -> None:
+    """config_checks.EVAL_METRICS lists, per kind of data, exactly the names the metric
+    functions produce (a renamed metric must not leave early stopping silently off)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from prefopt.config_checks import EVAL_METRICS
+    from prefopt.losses import LossOutput, PairLogps
+    from prefopt.metrics import pair_metrics
+    from prefopt.sft import sft_step
+    from prefopt.step import _kto_metrics
+
+    two = torch.zeros(2)
+    out = LossOutput(two, two, two)
+    paired = pair_metrics(out, PairLogps(two, two, two, two, two, two))
+    unpaired = _kto_metrics(out, two, two, torch.tensor([True, False]), torch.zeros(()))
+
+    def policy(*_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return two, torch.ones(2)
+
+    rows = torch.zeros(2, 3)
+    batch = SimpleNamespace(input_ids=rows, attention_mask=rows, response_mask=rows)
+    sft = sft_step(policy, batch).metrics  # type: ignore[arg-type]
+    assert set(EVAL_METRICS["paired"]) == set(paired)
+    assert set(EVAL_METRICS["unpaired"]) == set(unpaired)
+    assert set(EVAL_METRICS["sft"]) == set(sft)
+
+
+def test_train_help_names_every_section_and_where_keys_are_documented(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from prefopt.cli import CONFIG_SECTIONS, main
+
+    assert list(CONFIG_SECTIONS) == [f.name for f in dataclasses.fields(ExperimentConfig)]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert ", ".join(CONFIG_SECTIONS) in text
+    assert "config.py" in text and "OUTPUT/config.yaml" in text
+
+
+def test_every_section_has_a_docstring() -> None:
+    """ExperimentConfig's own fields are documented like every other field."""
+    import inspect
+
+    source = inspect.getsource(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        assert re.search(rf"\n    {f.name}: .*\n    \"\"\"\S", source), f.name
 
 
 def test_validate_catches_edits_made_after_loading() -> None:

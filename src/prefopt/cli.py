@@ -16,6 +16,23 @@ from prefopt.errors import ConfigError, PrefoptError
 
 logger = logging.getLogger("prefopt")
 
+CONFIG_SECTIONS = (
+    "model", "data", "loss", "reference", "lora", "optim", "train", "eval", "judge", "output",
+)  # fmt: skip
+"""The sections of `ExperimentConfig`, in order (tests/test_config.py checks they agree)."""
+
+CONFIG_HELP = f"""config keys are SECTION.KEY (loss.beta), in the sections
+  {", ".join(CONFIG_SECTIONS)}.
+Every key, its default and meaning is a documented field of the dataclasses in
+prefopt/config.py (src/prefopt/config.py in the repository); configs/*.yaml are
+commented examples, and docs/reference-models.md explains reference.*. Every run
+saves its resolved config, all defaults filled in, to OUTPUT/config.yaml. A
+misspelt key fails at once with a "did you mean" hint.
+
+examples:
+  prefopt train configs/smollm2-dpo.yaml loss.beta=0.2 train.max_steps=50
+  prefopt train configs/smollm2-dpo.yaml resume=latest"""
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -165,11 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="preference-tune a model (DPO and family)")
+    p_train = sub.add_parser(
+        "train",
+        help="preference-tune a model (DPO and family)",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p_train.add_argument("config", nargs="?", help="YAML config (defaults apply without one)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=0.2")
     p_train.set_defaults(func=cmd_train)
-    p_sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/response rows")
+    p_sft = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on prompt/response rows",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p_sft.add_argument("config", nargs="?", help="YAML config (same sections as train)")
     p_sft.add_argument("overrides", nargs="*", help="key=value overrides")
     p_sft.set_defaults(func=cmd_train)

@@ -131,7 +131,7 @@ class LoraConfig:
     r: int = 16
     """Rank."""
     alpha: int = 32
-    """Scaling numerator (scale = alpha / r)."""
+    """Scaling numerator (scale = alpha / r); > 0."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: str | list[str] = "all-linear"
@@ -224,7 +224,9 @@ class EvalConfig:
     batch_size: int | None = None
     """Eval micro-batch size (default: train.batch_size)."""
     early_stopping_metric: str | None = None
-    """Stop when this eval metric (e.g. "rewards/accuracies") stops improving."""
+    """Stop when this eval metric (e.g. "rewards/accuracies", "loss") has not improved for
+    `patience` evaluations. Needs held-out data (data.eval or data.eval_fraction) and
+    every_steps > 0; checked with the config."""
     early_stopping_mode: Literal["max", "min"] = "max"
     """Whether larger or smaller is better for the early-stopping metric."""
     patience: int = 3
@@ -287,16 +289,29 @@ class OutputConfig:
 
 @dataclass
 class ExperimentConfig:
+    """A whole run: one section per area, each a YAML mapping (`loss: {beta: 0.2}`) or dotted
+    overrides (`loss.beta=0.2`)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's starting model: where it loads from, dtype, attention, checkpointing."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data: files, format, columns, token limits."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The preference loss (DPO's sigmoid by default, or a weighted combination) and β."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """How π_ref is computed (docs/reference-models.md) and the step-0 check."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA/QLoRA adapters instead of a full fine-tune."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, the warmup + decay schedule and gradient clipping."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Batching, length of training, precision, device, prefix sharing and packing."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation on the held-out data during training, and early stopping."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """After training: policy and reference samples on held-out prompts, judged."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """The output folder, checkpoints, resuming, loggers, progress bar and report."""
 
     def validate(self) -> None:
         """Check values and combinations; raises ConfigError naming the field."""

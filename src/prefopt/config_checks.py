@@ -7,7 +7,21 @@ from prefopt.config import ExperimentConfig, LossConfig
 from prefopt.errors import ConfigError
 from prefopt.loss_registry import LOSSES
 
-__all__ = ["validate_config"]
+__all__ = ["EVAL_METRICS", "eval_metric_names", "validate_config"]
+
+EVAL_METRICS: dict[str, tuple[str, ...]] = {
+    "paired": (
+        "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+        "logps/chosen", "logps/rejected", "tokens/chosen", "tokens/rejected",
+    ),
+    "unpaired": (
+        "loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+        "tokens/completion", "kl",
+    ),
+    "sft": ("loss", "logps/response", "tokens/response", "perplexity"),
+}  # fmt: skip
+"""The metrics an evaluation reports, by kind of data (`metrics.pair_metrics`,
+`step._kto_metrics`, `sft.sft_step`; tests/test_config.py checks they agree)."""
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
@@ -17,6 +31,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.sft=true trains with loss 'sft' only, not {cfg.loss.names}")
     _validate_reference(cfg)
     _validate_numbers(cfg)
+    _validate_early_stopping(cfg)
     _validate_prefix_sharing(cfg)
     _validate_qlora(cfg)
 
@@ -85,9 +100,51 @@ def _validate_reference(cfg: ExperimentConfig) -> None:
         raise ConfigError("reference.strategy=adapter needs lora.enabled=true")
     if strategy == "model" and not cfg.reference.model:
         raise ConfigError("reference.strategy=model needs reference.model=PATH")
+    if strategy == "precompute" and any(LOSSES[n].data == "unpaired" for n in cfg.loss.names):
+        raise ConfigError(
+            "reference.strategy=precompute is not supported with kto: its KL estimate pairs "
+            "rows differently in every batch; use copy, model or adapter"
+        )
     uses_model = strategy == "precompute" and cfg.reference.precompute_with == "model"
     if uses_model and not cfg.reference.model:
         raise ConfigError("reference.precompute_with=model needs reference.model=PATH")
+
+
+def eval_metric_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The metric names the configured run's evaluations report."""
+    if cfg.data.sft:
+        return EVAL_METRICS["sft"]
+    if any(LOSSES[n].data == "unpaired" for n in cfg.loss.names):
+        return EVAL_METRICS["unpaired"]
+    return EVAL_METRICS["paired"]
+
+
+def _validate_early_stopping(cfg: ExperimentConfig) -> None:
+    """An early-stopping metric the evaluations never report, or no evaluations to read it
+    from, would leave early stopping silently off: refuse both."""
+    name = cfg.eval.early_stopping_metric
+    if name is None:
+        return
+    known = eval_metric_names(cfg)
+    if name not in known:
+        from difflib import get_close_matches
+
+        hint = get_close_matches(name, known, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(
+            f"eval.early_stopping_metric: unknown metric '{name}'{extra}; "
+            f"evaluations of this run report: {', '.join(known)}"
+        )
+    if cfg.data.eval is None and cfg.data.eval_fraction <= 0:
+        raise ConfigError(
+            f"eval.early_stopping_metric={name} needs evaluation data: set data.eval=FILE or "
+            "data.eval_fraction (e.g. 0.1)"
+        )
+    if cfg.eval.every_steps <= 0:
+        raise ConfigError(
+            f"eval.early_stopping_metric={name} needs evaluations during training: set "
+            "eval.every_steps=N (> 0)"
+        )
 
 
 def _validate_prefix_sharing(cfg: ExperimentConfig) -> None:
@@ -126,6 +183,7 @@ def _validate_numbers(cfg: ExperimentConfig) -> None:
         ("data.max_length must be >= 2", cfg.data.max_length >= 2),
         ("data.eval_fraction must be in [0, 1)", 0 <= cfg.data.eval_fraction < 1),
         ("lora.r must be >= 1", cfg.lora.r >= 1),
+        ("lora.alpha must be > 0", cfg.lora.alpha > 0),
         ("lora.dropout must be in [0, 1)", 0 <= cfg.lora.dropout < 1),
         ("eval.patience must be >= 1", cfg.eval.patience >= 1),
         ("judge.max_new_tokens must be >= 1", cfg.judge.max_new_tokens >= 1),

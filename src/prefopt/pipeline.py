@@ -89,11 +89,6 @@ def _check_loss_fits(cfg: ExperimentConfig, unpaired: bool, fmt: str) -> None:
             "`prefopt data convert --to unpaired` (each pair gives one desirable and one "
             "undesirable row)"
         )
-    if unpaired and cfg.reference_strategy() == "precompute":
-        raise ConfigError(
-            "reference.strategy=precompute is not supported with kto: its KL estimate pairs "
-            "rows differently in every batch; use copy, model or adapter"
-        )
 
 
 def _tokenize(
