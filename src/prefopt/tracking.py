@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefopt.errors import PrefoptError
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,8 +49,11 @@ class Tracker:
         for observe in self.observers:
             observe(record)
         clean = {k: _jsonable(v) for k, v in record.items()}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(clean) + "\n")
+        except OSError as exc:  # disk full, file size limit: one clear line, not a traceback
+            raise PrefoptError(f"could not append to {self.path}: {exc}") from None
         split, step = record.get("split", "train"), int(record.get("step", 0))
         numbers = {
             f"{split}/{k}": float(v)
