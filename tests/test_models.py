@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from prefopt.cli import EXIT_ERROR, main
 from prefopt.config import LoraConfig, ModelConfig
 from prefopt.errors import ModelError
 from prefopt.models import (
@@ -22,7 +25,7 @@ from prefopt.models import (
     resolve_source,
 )
 from toy import make_tokenizer
-from toy_models import make_config, make_model, save_toy_model
+from toy_models import learnable_pairs, make_config, make_model, save_toy_model, write_jsonl
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -177,6 +180,108 @@ def test_load_tokenizer_from_a_separate_location(tmp_path: Path, toy_dirs: dict[
     plain.save_pretrained(tmp_path / "plain_tok")
     cfg = ModelConfig(name_or_path=str(toy_dirs["llama"]), tokenizer=str(tmp_path / "plain_tok"))
     assert load_tokenizer(cfg).eos_token == "</s>"
+
+
+# --- untrusted and damaged weights ----------------------------------------------------------
+
+
+class _WritesMarker:
+    """Unpickling this calls `open(marker, "w")`: stands for any code a pickle can carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def _folder_without_weights(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for item in source.iterdir():
+        if not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy(item, target)
+    return target
+
+
+def _bin_model(source: Path, target: Path) -> Path:
+    """`source`'s config and tokenizer with its weights as a plain pytorch_model.bin (a torch
+    zip archive of tensors only; transformers 5 no longer writes these itself)."""
+    folder = _folder_without_weights(source, target)
+    torch.save(make_model().state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def malicious_bin_model(source: Path, target: Path, marker: Path) -> Path:
+    """A model folder whose only weights are a pytorch_model.bin pickle that writes `marker`."""
+    folder = _folder_without_weights(source, target)
+    payload = pickle.dumps({"model.embed_tokens.weight": _WritesMarker(marker)}, protocol=2)
+    (folder / "pytorch_model.bin").write_bytes(payload)
+    return folder
+
+
+def test_malicious_pickle_is_refused_and_never_run(
+    tmp_path: Path, toy_dirs: dict[str, Path]
+) -> None:
+    # The payload is real: plain pickle runs it.
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(_WritesMarker(proof)))
+    assert proof.exists()
+    marker = tmp_path / "PWNED"
+    folder = malicious_bin_model(toy_dirs["llama"], tmp_path / "evil", marker)
+    with pytest.raises(ModelError) as caught:
+        load_causal_lm(ModelConfig(name_or_path=str(folder)))
+    message = str(caught.value)
+    assert "pickled weights (.bin) hold objects other than tensors" in message
+    assert "safetensors" in message and "weights_only" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not marker.exists()
+
+
+def test_malicious_pickle_through_the_cli_is_one_clear_line(
+    tmp_path: Path, toy_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "PWNED"
+    folder = malicious_bin_model(toy_dirs["llama"], tmp_path / "evil", marker)
+    data = write_jsonl(tmp_path / "train.jsonl", learnable_pairs(8))
+    status = main(["train", f"model.name_or_path={folder}", f"data.train={data}",
+                   f"output.dir={tmp_path / 'out'}", "output.progress=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == EXIT_ERROR and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1 and "pickled weights (.bin)" in lines[0], err
+    assert "weights_only" not in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_truncated_weights_file_is_a_clear_model_error(
+    tmp_path: Path, toy_dirs: dict[str, Path], kind: str
+) -> None:
+    full = tmp_path / "full"
+    name = "model.safetensors" if kind == "safetensors" else "pytorch_model.bin"
+    if kind == "safetensors":
+        make_model().save_pretrained(full)
+    else:
+        _bin_model(toy_dirs["llama"], full)
+    folder = _folder_without_weights(toy_dirs["llama"], tmp_path / "torn")
+    whole = (full / name).read_bytes()
+    (folder / name).write_bytes(whole[: len(whole) // 2])  # a download cut in the middle
+    expected = "corrupt or truncated" if kind == "safetensors" else "or are corrupt"
+    with pytest.raises(ModelError, match=expected) as caught:
+        load_causal_lm(ModelConfig(name_or_path=str(folder)))
+    assert "weights_only" not in str(caught.value)
+
+
+def test_bin_only_folder_is_refused_before_torch_2_6(
+    tmp_path: Path, toy_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch < 2.6 can run code even with weights_only=True (CVE-2025-32434): prefopt declares
+    torch>=2.4, so it refuses .bin-only folders there itself, before transformers sees them."""
+    bin_only = _bin_model(toy_dirs["llama"], tmp_path / "bin_only")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(ModelError, match=r"only pickled weights \(.bin\).*torch 2.5.1"):
+        load_causal_lm(ModelConfig(name_or_path=str(bin_only)))
+    load_causal_lm(ModelConfig(name_or_path=str(toy_dirs["llama"])))  # safetensors: fine
 
 
 # --- LoRA -----------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # only to catch it: nothing here unpickles
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from prefopt.bundled import bundled_model_dir, is_bundled
@@ -112,6 +114,63 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelError:
     )
 
 
+def _weights_fault(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain (transformers 4.x wraps them) saying a weights file is
+    pickled with more than tensors or torn, if any: not an absent file or a bad option."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound only guards against a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, (UnpicklingError, SafetensorError)):
+            return seen
+        if isinstance(seen, RuntimeError) and "PytorchStreamReader" in str(seen):
+            return seen  # a torn .bin zip archive
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _weights_error(source: ModelSource, fault: BaseException) -> ModelError:
+    where = f"could not load the weights in {source.location}"
+    if isinstance(fault, SafetensorError):
+        first = str(fault).splitlines()[0] if str(fault) else ""
+        return ModelError(
+            f"{where}: a .safetensors file is corrupt or truncated ({first}); fetch it again"
+        )
+    # torch's own message advises retrying with weights_only=False, i.e. running the file's
+    # code: it must never reach the user, so it is not quoted.
+    return ModelError(
+        f"{where}: its pickled weights (.bin) hold objects other than tensors (possibly code, "
+        "which prefopt never runs) or are corrupt. Use .safetensors weights: get the model in "
+        "that format, or convert a .bin you trust with transformers' "
+        "`save_pretrained(..., safe_serialization=True)`"
+    )
+
+
+def _refuse_unsafe_bin(source: ModelSource) -> None:
+    """Refuse pickled-only (.bin) local weights on torch < 2.6.
+
+    Before torch 2.6, `torch.load(weights_only=True)` could still run code (CVE-2025-32434).
+    prefopt supports torch ≥ 2.4, so it checks the version itself rather than rely on the
+    installed transformers doing so.
+    """
+    if not source.is_local or source.gguf_file or _torch_at_least(2, 6):
+        return
+    folder = Path(source.location)
+    if any(folder.glob("*.safetensors")) or not any(folder.glob("*.bin")):
+        return
+    raise ModelError(
+        f"{folder} holds only pickled weights (.bin), and torch {torch.__version__} cannot load "
+        "them safely (torch < 2.6 can run code even with weights_only=True); upgrade torch to "
+        "2.6+, or use .safetensors weights (convert with transformers' "
+        "`save_pretrained(..., safe_serialization=True)` where the file is trusted)"
+    )
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return found is None or (int(found[1]), int(found[2])) >= (major, minor)
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """Load the tokenizer; a missing pad token is set to EOS (masks come from lengths anyway)."""
     from transformers import AutoTokenizer
@@ -177,9 +236,15 @@ def load_causal_lm(
         kwargs.update(quantization_kwargs(cfg))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    _refuse_unsafe_bin(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, UnpicklingError, SafetensorError) as exc:
+        fault = _weights_fault(exc)
+        if fault is not None:
+            raise _weights_error(source, fault) from None
+        if isinstance(exc, RuntimeError):
+            raise  # not a file problem (e.g. a shape mismatch): keep the traceback
         raise _hub_error(source, exc) from None
     if source.gguf_file:
         # A dequantised GGUF is a plain float model; drop the quantizer so it saves normally.
