@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
-from prefopt.loss_registry import LOSSES, LossParams, combined_loss, get_loss
+from prefopt import losses
+from prefopt.loss_registry import (
+    LOSSES,
+    REFERENCE_INPUTS,
+    LossParams,
+    check_inputs,
+    combined_loss,
+    get_loss,
+    missing_inputs,
+)
 from prefopt.losses import PairLogps
 
 
-def example_logps(with_reference: bool = True) -> PairLogps:
+def example_logps(with_reference: bool = True, with_counts: bool = True) -> PairLogps:
     """One pair: π_c = −1.0, π_r = −3.0, ρ_c = −1.5, ρ_r = −2.0, n_c = 2, n_r = 4."""
     return PairLogps(
         policy_chosen=torch.tensor([-1.0], requires_grad=True),
         policy_rejected=torch.tensor([-3.0], requires_grad=True),
-        chosen_tokens=torch.tensor([2]),
-        rejected_tokens=torch.tensor([4]),
+        chosen_tokens=torch.tensor([2]) if with_counts else None,
+        rejected_tokens=torch.tensor([4]) if with_counts else None,
         ref_chosen=torch.tensor([-1.5]) if with_reference else None,
         ref_rejected=torch.tensor([-2.0]) if with_reference else None,
     )
@@ -52,6 +64,79 @@ def test_unknown_name_lists_known_names() -> None:
 )
 def test_needs_reference_flags(name: str, needs_reference: bool) -> None:
     assert get_loss(name).needs_reference is needs_reference
+
+
+LOSS_FUNCTIONS = {
+    "sigmoid": losses.sigmoid_loss,
+    "robust": losses.robust_loss,
+    "hinge": losses.hinge_loss,
+    "ipo": losses.ipo_loss,
+    "simpo": losses.simpo_loss,
+    "orpo": losses.orpo_loss,
+    "sft": losses.sft_loss,
+    "kto": losses.kto_loss,
+}
+
+
+def test_declared_inputs_are_the_loss_functions_tensor_arguments() -> None:
+    """`inputs` lists each function's positional (tensor) parameters in order; for paired
+    losses they are PairLogps fields, so the registry can hand them over by name."""
+    fields = {f.name for f in dataclasses.fields(PairLogps)}
+    assert set(LOSS_FUNCTIONS) == set(LOSSES)
+    for name, spec in LOSSES.items():
+        params = inspect.signature(LOSS_FUNCTIONS[name]).parameters.values()
+        positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert len(positional) == len(spec.inputs), name
+        if spec.data == "paired":
+            assert set(spec.inputs) <= fields, name
+
+
+@pytest.mark.parametrize(
+    ("name", "counts"),
+    [("ipo", True), ("simpo", True), ("orpo", True), ("sft", True), ("sigmoid", False)],
+)
+def test_token_counts_declared_where_read(name: str, counts: bool) -> None:
+    declared = {"chosen_tokens", "rejected_tokens"} & set(get_loss(name).inputs)
+    assert bool(declared) is counts
+
+
+def test_needs_reference_follows_declared_inputs() -> None:
+    for spec in LOSSES.values():
+        assert spec.needs_reference is bool(REFERENCE_INPUTS & set(spec.inputs)), spec.name
+
+
+@pytest.mark.parametrize("name", ["ipo", "simpo", "orpo", "sft"])
+def test_missing_token_counts_are_refused_by_name(name: str) -> None:
+    logps = example_logps(with_counts=False)
+    assert "chosen_tokens" in missing_inputs(get_loss(name), logps)
+    with pytest.raises(ValueError, match=f"'{name}' needs response token counts") as info:
+        combined_loss([name], [1.0], logps, LossParams())
+    assert "chosen_tokens" in str(info.value) and "SequenceLogprobModel" in str(info.value)
+
+
+def test_losses_on_sums_run_without_token_counts() -> None:
+    logps = example_logps(with_counts=False)
+    for name in ("sigmoid", "robust", "hinge"):
+        check_inputs(get_loss(name), logps)
+        out = combined_loss([name], [1.0], logps, LossParams())
+        assert torch.isfinite(out.losses).all(), name
+
+
+def test_combined_checks_every_loss_before_computing() -> None:
+    """sigmoid alone would run; with sft (which reads counts) the whole call is refused."""
+    logps = example_logps(with_counts=False)
+    with pytest.raises(ValueError, match=r"'sft' needs .* \(chosen_tokens\), none were given"):
+        combined_loss(["sigmoid", "sft"], [1.0, 0.2], logps, LossParams())
+
+
+def test_missing_reference_and_counts_are_both_named() -> None:
+    logps = example_logps(with_reference=False, with_counts=False)
+    with pytest.raises(ValueError) as info:
+        combined_loss(["ipo"], [1.0], logps, LossParams())
+    message = str(info.value)
+    assert "reference log-probs (ref_chosen, ref_rejected)" in message
+    assert "response token counts (chosen_tokens, rejected_tokens)" in message
+    assert "reference-free loss" in message
 
 
 def test_every_paired_loss_computes_through_the_registry() -> None:

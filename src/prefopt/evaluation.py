@@ -192,14 +192,18 @@ def per_pair_rows(
                 "ref_rejected_logps": None
                 if lp.ref_rejected is None
                 else lp.ref_rejected[j].item(),
-                "chosen_tokens": int(lp.chosen_tokens[j].item()),
-                "rejected_tokens": int(lp.rejected_tokens[j].item()),
+                "chosen_tokens": _item(lp.chosen_tokens, j),
+                "rejected_tokens": _item(lp.rejected_tokens, j),
                 "loss": out.losses[j].item(),
                 "reward_chosen": out.metrics["rewards/chosen"][j].item(),
                 "reward_rejected": out.metrics["rewards/rejected"][j].item(),
             }
         )
     return rows
+
+
+def _item(counts: torch.Tensor | None, j: int) -> int | None:
+    return None if counts is None else int(counts[j].item())
 
 
 def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict[str, Any]]]:

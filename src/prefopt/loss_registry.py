@@ -1,8 +1,9 @@
 """The loss registry: losses chosen by name, with what each one needs.
 
-Each `LossSpec` says whether its loss reads a reference model and whether it works on paired
-or unpaired data, so that a config asking for an unsupported combination is refused with a
-clear message instead of silently running another loss.
+Each `LossSpec` declares the inputs its loss reads (policy and reference log-probs, token
+counts) and whether it works on paired or unpaired data, so that a config asking for an
+unsupported combination, or a call missing an input, is refused with a clear message instead of
+silently running another loss.
 """
 
 from __future__ import annotations
@@ -27,15 +28,38 @@ class LossParams:
     kto_undesirable_weight: float = 1.0
 
 
+REFERENCE_INPUTS = frozenset({"ref_chosen", "ref_rejected", "ref_logps"})
+"""Inputs that come from a reference model: a loss declaring one needs a reference."""
+
+_INPUT_KINDS = {
+    "policy_chosen": "policy log-probs",
+    "policy_rejected": "policy log-probs",
+    "ref_chosen": "reference log-probs",
+    "ref_rejected": "reference log-probs",
+    "chosen_tokens": "response token counts",
+    "rejected_tokens": "response token counts",
+}
+_HINTS = {
+    "reference log-probs": "score the pairs with a reference model too, or pick a "
+    "reference-free loss (simpo, orpo, sft)",
+    "response token counts": "pass the counts SequenceLogprobModel returns next to the "
+    "log-probs (PairLogps.chosen_tokens / rejected_tokens)",
+    "policy log-probs": "fill PairLogps.policy_chosen / policy_rejected",
+}
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss.
 
     Attributes:
         name: Registry key.
-        needs_reference: True if the loss reads reference log-probs.
         data: "paired" or "unpaired".
         paper: Short citation for messages and docs.
+        inputs: The tensors the loss reads, in the order its function in `prefopt.losses` takes
+            them: `PairLogps` field names for paired losses (checked by `check_inputs` before
+            the loss runs), `kto_loss`'s argument names for KTO (the training step builds all
+            of them). A reference input (`REFERENCE_INPUTS`) means the loss needs a reference.
         uses: Which `LossParams` fields the loss reads.
         defines_rewards: False for losses whose rewards are placeholders (sft).
         compute: (PairLogps, LossParams) -> LossOutput; None for unpaired losses (kto), which the
@@ -43,102 +67,116 @@ class LossSpec:
     """
 
     name: str
-    needs_reference: bool
     data: str
     paper: str
+    inputs: tuple[str, ...]
     uses: tuple[str, ...] = ("beta",)
     defines_rewards: bool = True
     compute: Callable[[PairLogps, LossParams], LossOutput] | None = None
 
+    @property
+    def needs_reference(self) -> bool:
+        """True if the loss reads reference log-probs."""
+        return not REFERENCE_INPUTS.isdisjoint(self.inputs)
 
-def _refs(x: PairLogps, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.ref_chosen is None or x.ref_rejected is None:
-        raise ValueError(f"loss '{name}' needs reference log-probs, none were given")
-    return x.ref_chosen, x.ref_rejected
+
+def missing_inputs(spec: LossSpec, logps: PairLogps) -> list[str]:
+    """The declared inputs of a paired loss that `logps` leaves as None, in declared order."""
+    return [name for name in spec.inputs if getattr(logps, name, None) is None]
+
+
+def check_inputs(spec: LossSpec, logps: PairLogps) -> None:
+    """Refuse, naming what is missing and how to supply it, when `logps` lacks an input `spec`
+    declares (e.g. token counts for ipo, reference log-probs for sigmoid)."""
+    missing = missing_inputs(spec, logps)
+    if not missing:
+        return
+    kinds = list(dict.fromkeys(_INPUT_KINDS.get(name, name) for name in missing))
+    what = "; ".join(
+        f"{kind} ({', '.join(n for n in missing if _INPUT_KINDS.get(n, n) == kind)})"
+        for kind in kinds
+    )
+    hints = "; ".join(_HINTS[kind] for kind in kinds if kind in _HINTS)
+    raise ValueError(f"loss '{spec.name}' needs {what}, none were given: {hints}")
+
+
+def _take(x: PairLogps, name: str) -> list[torch.Tensor]:
+    """Loss `name`'s declared inputs from `x`, in order, after `check_inputs`."""
+    spec = LOSSES[name]
+    check_inputs(spec, x)
+    return [getattr(x, field) for field in spec.inputs]
 
 
 def _sigmoid(x: PairLogps, p: LossParams) -> LossOutput:
-    rc, rr = _refs(x, "sigmoid")
-    return L.sigmoid_loss(
-        x.policy_chosen, x.policy_rejected, rc, rr, beta=p.beta, label_smoothing=p.label_smoothing
-    )
+    return L.sigmoid_loss(*_take(x, "sigmoid"), beta=p.beta, label_smoothing=p.label_smoothing)
 
 
 def _robust(x: PairLogps, p: LossParams) -> LossOutput:
-    rc, rr = _refs(x, "robust")
-    return L.robust_loss(
-        x.policy_chosen, x.policy_rejected, rc, rr, beta=p.beta, label_smoothing=p.label_smoothing
-    )
+    return L.robust_loss(*_take(x, "robust"), beta=p.beta, label_smoothing=p.label_smoothing)
 
 
 def _hinge(x: PairLogps, p: LossParams) -> LossOutput:
-    rc, rr = _refs(x, "hinge")
-    return L.hinge_loss(x.policy_chosen, x.policy_rejected, rc, rr, beta=p.beta)
+    return L.hinge_loss(*_take(x, "hinge"), beta=p.beta)
 
 
 def _ipo(x: PairLogps, p: LossParams) -> LossOutput:
-    rc, rr = _refs(x, "ipo")
-    return L.ipo_loss(
-        x.policy_chosen,
-        x.policy_rejected,
-        rc,
-        rr,
-        x.chosen_tokens,
-        x.rejected_tokens,
-        beta=p.beta,
-    )
+    return L.ipo_loss(*_take(x, "ipo"), beta=p.beta)
 
 
 def _simpo(x: PairLogps, p: LossParams) -> LossOutput:
-    return L.simpo_loss(
-        x.policy_chosen,
-        x.policy_rejected,
-        x.chosen_tokens,
-        x.rejected_tokens,
-        beta=p.beta,
-        gamma=p.simpo_gamma,
-    )
+    return L.simpo_loss(*_take(x, "simpo"), beta=p.beta, gamma=p.simpo_gamma)
 
 
 def _orpo(x: PairLogps, p: LossParams) -> LossOutput:
-    return L.orpo_loss(
-        x.policy_chosen, x.policy_rejected, x.chosen_tokens, x.rejected_tokens, beta=p.beta
-    )
+    return L.orpo_loss(*_take(x, "orpo"), beta=p.beta)
 
 
 def _sft(x: PairLogps, p: LossParams) -> LossOutput:
-    return L.sft_loss(x.policy_chosen, x.chosen_tokens)
+    return L.sft_loss(*_take(x, "sft"))
 
 
+_POLICY = ("policy_chosen", "policy_rejected")
+_WITH_REF = (*_POLICY, "ref_chosen", "ref_rejected")
+_COUNTS = ("chosen_tokens", "rejected_tokens")
 _SMOOTH = ("beta", "label_smoothing")
 _KTO = ("beta", "kto_desirable_weight", "kto_undesirable_weight")
 
 LOSSES: dict[str, LossSpec] = {
     s.name: s
     for s in (
-        LossSpec("sigmoid", True, "paired", "DPO, Rafailov et al. 2023", _SMOOTH, compute=_sigmoid),
-        LossSpec("robust", True, "paired", "rDPO, Chowdhury et al. 2024", _SMOOTH, compute=_robust),
-        LossSpec("hinge", True, "paired", "SLiC/RSO, Zhao et al. 2023", compute=_hinge),
-        LossSpec("ipo", True, "paired", "IPO, Azar et al. 2023", compute=_ipo),
+        LossSpec(
+            "sigmoid", "paired", "DPO, Rafailov et al. 2023", _WITH_REF, _SMOOTH, compute=_sigmoid
+        ),
+        LossSpec(
+            "robust", "paired", "rDPO, Chowdhury et al. 2024", _WITH_REF, _SMOOTH, compute=_robust
+        ),
+        LossSpec("hinge", "paired", "SLiC/RSO, Zhao et al. 2023", _WITH_REF, compute=_hinge),
+        LossSpec("ipo", "paired", "IPO, Azar et al. 2023", (*_WITH_REF, *_COUNTS), compute=_ipo),
         LossSpec(
             "simpo",
-            False,
             "paired",
             "SimPO, Meng et al. 2024",
+            (*_POLICY, *_COUNTS),
             ("beta", "simpo_gamma"),
             compute=_simpo,
-        ),  # fmt: skip
-        LossSpec("orpo", False, "paired", "ORPO, Hong et al. 2024", compute=_orpo),
+        ),
+        LossSpec("orpo", "paired", "ORPO, Hong et al. 2024", (*_POLICY, *_COUNTS), compute=_orpo),
         LossSpec(
             "sft",
-            False,
             "paired",
             "NLL on chosen (RPO), Pang et al. 2024",
+            ("policy_chosen", "chosen_tokens"),
             (),
             defines_rewards=False,
             compute=_sft,
-        ),  # fmt: skip
-        LossSpec("kto", True, "unpaired", "KTO, Ethayarajh et al. 2024", _KTO),
+        ),
+        LossSpec(
+            "kto",
+            "unpaired",
+            "KTO, Ethayarajh et al. 2024",
+            ("policy_logps", "ref_logps", "labels", "kl_estimate"),
+            _KTO,
+        ),
     )
 }
 
@@ -165,7 +203,8 @@ def combined_loss(
     Args:
         names: Loss names from `LOSSES`, all paired.
         weights: One weight per loss.
-        logps: The log-probs every loss reads from.
+        logps: The log-probs every loss reads from; each loss's declared `inputs` must be set
+            (else ValueError naming the missing ones).
         params: Hyper-parameters.
 
     Returns:
@@ -175,10 +214,13 @@ def combined_loss(
         raise ValueError(f"{len(names)} losses but {len(weights)} loss_weights")
     total: torch.Tensor | None = None
     rewards: LossOutput | None = None
-    for name, weight in zip(names, weights, strict=True):
-        spec = get_loss(name)
+    specs = [get_loss(name) for name in names]
+    for spec in specs:  # refuse before computing anything
         if spec.compute is None:
-            raise ValueError(f"loss '{name}' works on unpaired data and cannot be combined")
+            raise ValueError(f"loss '{spec.name}' works on unpaired data and cannot be combined")
+        check_inputs(spec, logps)
+    for spec, weight in zip(specs, weights, strict=True):
+        assert spec.compute is not None
         out = spec.compute(logps, params)
         total = weight * out.losses if total is None else total + weight * out.losses
         if rewards is None and spec.defines_rewards:

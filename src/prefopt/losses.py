@@ -53,16 +53,20 @@ class PairLogps:
     Attributes:
         policy_chosen: [B] summed log π(y_c|x).
         policy_rejected: [B] summed log π(y_r|x).
-        chosen_tokens: [B] number of scored response tokens of y_c (float or long).
-        rejected_tokens: [B] number of scored response tokens of y_r.
+        chosen_tokens: [B] number of scored response tokens of y_c (float or long), None when
+            not counted (only losses that length-normalise read them).
+        rejected_tokens: [B] number of scored response tokens of y_r, or None.
         ref_chosen: [B] summed log π_ref(y_c|x), None without a reference.
         ref_rejected: [B] summed log π_ref(y_r|x), None without a reference.
+
+    Which fields a loss needs is declared in `prefopt.loss_registry.LossSpec.inputs`; a loss
+    asked to run without one of them is refused there.
     """
 
     policy_chosen: Tensor
     policy_rejected: Tensor
-    chosen_tokens: Tensor
-    rejected_tokens: Tensor
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
 

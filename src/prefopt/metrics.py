@@ -39,9 +39,9 @@ def reward_accuracy(
 
 
 def pair_metrics(out: LossOutput, logps: PairLogps) -> dict[str, Tensor]:
-    """Per-pair metric values ([B] each) for one batch of pairs."""
+    """Per-pair metric values ([B] each) for one batch of pairs (token counts when given)."""
     chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    return {
+    metrics = {
         "loss": out.losses.detach().float(),
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
@@ -49,9 +49,12 @@ def pair_metrics(out: LossOutput, logps: PairLogps) -> dict[str, Tensor]:
         "rewards/accuracies": reward_accuracy(chosen, rejected),
         "logps/chosen": logps.policy_chosen.detach(),
         "logps/rejected": logps.policy_rejected.detach(),
-        "tokens/chosen": logps.chosen_tokens.detach().float(),
-        "tokens/rejected": logps.rejected_tokens.detach().float(),
     }
+    if logps.chosen_tokens is not None:
+        metrics["tokens/chosen"] = logps.chosen_tokens.detach().float()
+    if logps.rejected_tokens is not None:
+        metrics["tokens/rejected"] = logps.rejected_tokens.detach().float()
+    return metrics
 
 
 class MetricAccumulator:
