@@ -198,6 +198,14 @@ def plot(points: list[Point], judge: str) -> object:
     return fig
 
 
+def margin_spread(points: list[Point]) -> list[float]:
+    """Per training step, max − min over β of the batch's log-ratio margin h = margin / β:
+    how far apart the runs are (the batches are the same for every β)."""
+    steps = min((len(p.train_margins) for p in points), default=0)
+    hs = [[p.train_margins[i] / p.beta for p in points] for i in range(steps)]
+    return [max(h) - min(h) for h in hs]
+
+
 def report(points: list[Point], args: argparse.Namespace, judge: str, model: str) -> str:
     command = "python examples/beta_frontier.py " + " ".join(sys.argv[1:])
     rows = [
@@ -216,12 +224,16 @@ def report(points: list[Point], args: argparse.Namespace, judge: str, model: str
         rows,
     )  # fmt: skip
     n = points[0].kl.num_samples if points else 0
+    spread = ", ".join(f"{d:.2f}" for d in margin_spread(points))
     return (
         f"Command: `{command.strip()}`\n\nModel `{model}`, DPO (sigmoid) + LoRA, "
         f"{len(points[0].train_margins) if points else 0} steps per β. Judge `{judge}` on "
         f"{n // args.samples} held-out prompts × {args.samples} answers ({n} policy answers, "
         f"temperature 1, top-p 1, ≤ {args.max_new_tokens} new tokens, same seeds for policy and "
-        "reference). Win rate: one comparison per prompt (mean score of its answers).\n\n" + table
+        "reference). Win rate: one comparison per prompt (mean score of its answers).\n\n"
+        + table
+        + "\n\nSpread of the training margin h across β (max − min, nats), step by step: "
+        f"{spread}.\n"
     )
 
 

@@ -98,6 +98,28 @@ def excess_loss(true: list[float], fit: list[float]) -> float:
     return total / pairs
 
 
+def mle_exists(games: list[Comparison], names: list[str]) -> bool:
+    """Whether the plain (prior 0) maximum-likelihood BT fit exists: Zermelo/Ford's condition
+    that the "a beat b" graph is strongly connected, i.e. no group of models never lost to the
+    rest. Without it the MLE pushes that group's strengths apart from the rest without end."""
+    beat: dict[str, set[str]] = {n: set() for n in names}
+    lost: dict[str, set[str]] = {n: set() for n in names}
+    for a, b, outcome in games:
+        winner, loser = (a, b) if outcome > 0.5 else (b, a)
+        beat[winner].add(loser)
+        lost[loser].add(winner)
+
+    def reaches_all(edges: dict[str, set[str]]) -> bool:
+        seen, todo = {names[0]}, [names[0]]
+        while todo:
+            for nxt in edges[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return len(seen) == len(names)
+
+    return reaches_all(beat) and reaches_all(lost)
+
+
 def rmse(a: list[float], b: list[float]) -> float:
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a))
 
@@ -132,12 +154,14 @@ class EpochCurve:
     prior: float
     spread: list[float]
     excess: list[float]
+    no_mle: int  # samples on which the plain maximum-likelihood fit does not exist
 
 
 def epochs_effect(theta: dict[str, float], sizes: Sizes, rng: random.Random) -> list[EpochCurve]:
     """Stop MM after t iterations (tol=0: exactly t) on small samples, per prior."""
     names, true = list(theta), list(theta.values())
     samples = [simulate(theta, sizes.small_games, rng) for _ in range(sizes.replicates)]
+    no_mle = sum(not mle_exists(s, names) for s in samples)
     curves = []
     for prior in sizes.priors:
         spread, excess = [], []
@@ -145,7 +169,7 @@ def epochs_effect(theta: dict[str, float], sizes: Sizes, rng: random.Random) -> 
             fits = [fitted_logs(s, names, iters=t, prior=prior, tol=0.0) for s in samples]
             spread.append(statistics.fmean(statistics.pstdev(f) for f in fits))
             excess.append(statistics.fmean(excess_loss(true, f) for f in fits))
-        curves.append(EpochCurve(prior, spread, excess))
+        curves.append(EpochCurve(prior, spread, excess, no_mle))
     return curves
 
 
@@ -194,6 +218,7 @@ def report(
          for i, t in enumerate(sizes.iterations)],
     )  # fmt: skip
     best = [(c.prior, sizes.iterations[c.excess.index(min(c.excess))]) for c in curves]
+    no_mle = curves[0].no_mle if curves else 0
     return f"""Command: `{command.strip()}` (seed {seed})
 
 {sizes.models} models, true log-strengths evenly spaced, std {true_spread:.3f}.
@@ -205,7 +230,9 @@ def report(
 
 **Epochs** ({sizes.small_games}-game samples, mean over {sizes.replicates}; spread = std of the
 fitted log-strengths, KL = excess held-out loss). Iterations with the lowest KL per prior:
-{", ".join(f"prior {p:g}: {t}" for p, t in best)}.
+{", ".join(f"prior {p:g}: {t}" for p, t in best)}. On {no_mle} of the {sizes.replicates} samples
+the plain maximum-likelihood fit (prior 0) does not exist: some group of models never lost to
+the rest (the "beat" graph is not strongly connected).
 
 {part2}
 """
