@@ -8,6 +8,8 @@ log-probs up to float rounding.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from prefopt.metrics import pair_metrics
 from prefopt.prefix_sharing import SharedPrefixBatch, pair_row_logps
 from prefopt.reference import Reference
 
+logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
@@ -84,6 +87,55 @@ class _KLRows:
     response_mask: Tensor
 
 
+def kl_estimate(
+    policy: nn.Module,
+    reference: Reference,
+    batch: ExampleBatch,
+    positions: Sequence[int],
+    reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    split: str = "train",
+) -> Tensor:
+    """KTO's batch estimate of KL(π‖π_ref): the mean of π − ρ over the mismatched KL rows.
+
+    Ethayarajh et al. 2024 (arXiv 2402.01306, §4.1) estimate z₀ from (x_i, y_j) pairs of the
+    same micro-batch and pass no gradient through it, so the policy scores the KL rows under
+    no_grad and the result is detached. With `reduce_mean`, every process contributes its
+    (sum, row count) and the estimate is the mean over all KL rows of all processes; it is
+    called on every process even when this one has no KL rows, so the collective never hangs.
+
+    A micro-batch of one example has no mismatched pair (`collate_examples` builds no KL rows
+    for N = 1): it contributes nothing, and where no process has any KL row the estimate is
+    0 (z₀ = 0: rewards are compared with 0 instead of the KL). A warning says so, once.
+
+    Returns:
+        [] float32 detached estimate (before KTO's clamp at 0).
+    """
+    stats = torch.zeros(2, device=batch.input_ids.device)  # [Σ(π − ρ), number of KL rows]
+    if batch.kl_input_ids is None:
+        _warn_no_kl_rows(batch.num_examples)
+    else:
+        assert batch.kl_attention_mask is not None and batch.kl_response_mask is not None
+        rows = _KLRows(batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
+        with torch.no_grad():
+            kl_policy, _ = policy(rows.input_ids, rows.attention_mask, rows.response_mask)
+        kl_ref = reference.row_logps(rows, [(split, p, "kl") for p in positions])  # [N]
+        diff = (kl_policy - kl_ref).float()  # [N]
+        stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+    if reduce_mean is not None:
+        stats = reduce_mean(stats)  # means over processes: their ratio is the global mean
+    return (stats[0] / stats[1].clamp(min=1.0)).detach()  # [] (0 with no KL rows anywhere)
+
+
+@functools.cache
+def _warn_no_kl_rows(n: int) -> None:
+    logger.warning(
+        "KTO: a micro-batch of %d example(s) has no mismatched (prompt, completion) pair for "
+        "the KL estimate; it contributes none, and z0 is 0 where no process has one "
+        "(use train.batch_size >= 2 per process)",
+        n,
+    )
+
+
 def unpaired_step(
     policy: nn.Module,
     reference: Reference,
@@ -96,20 +148,12 @@ def unpaired_step(
     """KTO loss and metrics of one batch of unpaired examples.
 
     The KL estimate z₀ uses mismatched rows (prompt i with completion i+1) scored without
-    gradient, as in the KTO paper; `reduce_mean` averages it across processes.
+    gradient, as in the KTO paper (see `kl_estimate`); `reduce_mean` averages it across
+    processes.
     """
     logps, tokens = policy(batch.input_ids, batch.attention_mask, batch.response_mask)  # [N]
     ref = reference.row_logps(batch, [(split, p, "completion") for p in positions])  # [N]
-    kl = torch.zeros((), device=logps.device)
-    if batch.kl_input_ids is not None:
-        assert batch.kl_attention_mask is not None and batch.kl_response_mask is not None
-        rows = _KLRows(batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
-        with torch.no_grad():
-            kl_policy, _ = policy(rows.input_ids, rows.attention_mask, rows.response_mask)
-        kl_ref = reference.row_logps(rows, [(split, p, "kl") for p in positions])
-        kl = (kl_policy - kl_ref).mean()
-        if reduce_mean is not None:
-            kl = reduce_mean(kl)
+    kl = kl_estimate(policy, reference, batch, positions, reduce_mean, split)  # []
     out = kto_loss(
         logps,
         ref,
