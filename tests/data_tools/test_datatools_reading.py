@@ -142,3 +142,68 @@ def test_empty_fields_are_counted_not_raised(tmp_path: Path) -> None:
     assert data.empty_fields == {1: "prompt", 2: "chosen"}
     assert data.report.dropped[EMPTY_FIELD] == [1, 2]
     assert data.report.dropped["rejected: expected text, got a number"] == [3]
+
+
+def test_csv_rows_are_read_one_by_one_and_skippable(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b'prompt,chosen,rejected\np,a,b\nq,caf\xe9,d\nr,c,d,extra\ns,"two\nlines",e\n')
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.file, info.value.row, info.value.field) == (str(path), 1, "chosen")
+    assert "not valid UTF-8" in str(info.value)
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {
+        "row not valid UTF-8": [1],
+        "more values than the 3 header columns": [2],
+    }
+    assert data.rows[1] is None and data.rows[2] is None
+    assert [(e.index, e.chosen) for e in data.examples] == [(0, "a"), (3, "two\nlines")]
+
+
+def test_a_long_csv_line_is_refused_as_a_whole_file_problem(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\nq," + "x" * 300 + ",d\n")
+    assert len(read_raw_rows(path).rows) == 2  # within the default limit
+    with pytest.raises(DataError, match="cannot skip this") as info:
+        read_raw_rows(path, on_error="skip", max_line_bytes=100)
+    assert info.value.row is None and "line 3 is longer than 100 bytes" in str(info.value)
+
+
+def test_json_lines_named_json_are_read_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "lines.json"
+    long_row = {**GOOD, "chosen": "x" * 300}
+    write_lines(path, [GOOD, long_row, b"[1]", GOOD])
+    with pytest.raises(DataError) as info:
+        load_data(path, max_line_bytes=100)
+    assert info.value.row == 1 and "line 2 is longer than 100 bytes" in str(info.value)
+    raw = read_raw_rows(path, on_error="skip", max_line_bytes=100)
+    assert raw.skipped == {
+        "line longer than 100 bytes": [1],
+        "expected a row object (column -> value), got a list": [2],
+    }
+    assert raw.rows == [GOOD, None, None, GOOD]
+    # The over-long line is the first one: still recognised as JSON Lines, still refused.
+    write_lines(path, [long_row, GOOD])
+    assert read_raw_rows(path, on_error="skip", max_line_bytes=100).rows == [None, GOOD]
+
+
+def test_json_arrays_skip_bad_items_but_not_broken_json(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_bytes(
+        b'{"data": [{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}, 3, '
+        + json.dumps(GOOD).encode()
+        + b"]}"
+    )
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (0, "chosen")
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {
+        "row not valid UTF-8": [0],
+        "expected a row object (column -> value), got a number": [1],
+    }
+    assert [e.index for e in data.examples] == [2]
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": oops}]')
+    with pytest.raises(DataError, match="cannot skip this") as info:
+        load_data(path, on_error="skip")
+    assert info.value.row is None and "invalid JSON at line 1, column 62" in str(info.value)

@@ -3,7 +3,8 @@ left out (with row indices), so that nothing disappears without a count.
 
 On top of `prefopt.data.load_preference_data` this
 
-* reads JSON Lines with `reader.read_raw_rows` (line size limit; unreadable lines skippable),
+* reads files with `reader.read_raw_rows` (JSON Lines and CSV line by line, with a line size
+  limit; unreadable rows of JSON Lines, CSV and JSON arrays skippable),
 * knows the extra source formats "shp" and "ranked" (see `extra_formats`) and UltraFeedback's
   all-pairs expansion,
 * counts rows with an empty field (blank text, null, empty list) as findings rather than errors,
@@ -99,13 +100,13 @@ def load_data(
     """Read and normalise `path` (see the module docstring).
 
     Args:
-        path: A data file (.jsonl read line by line; others through `read_rows`).
+        path: A data file (see `reader.read_raw_rows`).
         format: "auto" or one of `ALL_FORMATS`.
         pairs: For UltraFeedback and ranked rows: best vs worst, or every ordered pair.
         on_error: "raise" stops at the first bad row with a `DataError` naming file, row and
             field; "skip" leaves it out and counts it in `report.dropped`.
         columns: Column names.
-        max_line_bytes: Longest JSON Lines line accepted.
+        max_line_bytes: Longest JSON Lines or CSV line accepted.
 
     Raises:
         ConfigError: For an unknown format or pairing.
