@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from prefopt.data import load_preference_data
 from prefopt.data.records import PreferencePair, UnpairedExample
 from prefopt.errors import ConfigError, TokenizationError
 from prefopt.tokenize import (
@@ -30,7 +31,9 @@ from prefopt.tokenize import (
     tokenize_pairs,
     tokenize_sft,
 )
-from toy import TOY_VOCAB, make_tokenizer, toy_pairs
+from toy import CHATML_TEMPLATE, TOY_VOCAB, make_tokenizer, toy_pairs
+
+FIXTURES = Path(__file__).parent / "data" / "fixtures"
 
 CAPITAL = PreferencePair(0, "what is the capital of france ?", " paris .", " the moon .")
 SUN = PreferencePair(2, "is the sun hot ?", " yes , very hot .", " no .")
@@ -185,6 +188,74 @@ def test_plain_trailing_newline_kept_before_eos() -> None:
     pair = PreferencePair(1, "say", " paris .\n", " no .")
     out = tokenize_pair(pair, make_tokenizer(chat_template=False), max_length=64)
     assert out.chosen_ids == (300, 7, 6, 3)
+
+
+# Rejected side of tests/data/fixtures/conversational.json row 1: two assistant messages.
+TWO_TURNS = PreferencePair(
+    1,
+    ({"role": "user", "content": "say hello"},),
+    ({"role": "assistant", "content": "hello ."},),
+    ({"role": "assistant", "content": "no ."}, {"role": "assistant", "content": "bye ."}),
+)
+
+
+def test_two_assistant_messages_one_eos_per_turn_one_at_the_end() -> None:
+    """ChatML closes every turn with <|im_end|> (5), which is EOS: the response holds one EOS
+    per assistant turn, separated by "\\n" and the next header, and ends with exactly one.
+    "no .<|im_end|>\\n<|im_start|>assistant\\nbye .<|im_end|>" (the final "\\n" dropped)."""
+    out = tokenize_pair(TWO_TURNS, make_tokenizer(), max_length=64)
+    assert out.rejected_ids == (77, 7, 5, 6, 4, 31, 6, 134, 7, 5)
+    assert out.rejected_ids.count(5) == 2  # one per assistant turn
+    assert out.rejected_ids[-1] == 5 and out.rejected_ids[-2] != 5  # one at the end
+    assert out.chosen_ids == (131, 7, 5)
+
+
+def test_two_assistant_messages_end_of_turn_not_eos() -> None:
+    """Template end-of-turn <|im_end|> (5), tokenizer EOS </s> (3): both turns keep the
+    template's <|im_end|>\\n as rendered, and one </s> is appended at the very end."""
+    tok = make_tokenizer(chat_template=False)
+    tok.chat_template = CHATML_TEMPLATE
+    out = tokenize_pair(TWO_TURNS, tok, max_length=64)
+    assert out.rejected_ids == (77, 7, 5, 6, 4, 31, 6, 134, 7, 5, 6, 3)
+    assert out.rejected_ids.count(5) == 2 and out.rejected_ids.count(3) == 1
+
+
+def test_conversational_fixture_two_turn_response() -> None:
+    """The fixture row itself (its words are mostly <unk> here): EOS count = assistant turns."""
+    pairs, _ = load_preference_data(FIXTURES / "conversational.json")
+    out, _ = tokenize_pairs(pairs, make_tokenizer(), max_length=128)  # type: ignore[arg-type]
+    for pair, tokens in zip(pairs, out, strict=True):
+        assert isinstance(pair, PreferencePair)
+        for messages, ids in (
+            (pair.chosen, tokens.chosen_ids),
+            (pair.rejected, tokens.rejected_ids),
+        ):
+            assert ids.count(5) == len(messages) and ids[-1] == 5 and ids[-2] != 5
+    assert out[1].rejected_ids.count(5) == 2
+
+
+@pytest.mark.parametrize(
+    "chosen", [" paris .</s></s>", " paris .</s>\n</s>", " paris .\n</s>\n</s>"]
+)
+def test_repeated_final_eos_is_cut_to_one(chosen: str) -> None:
+    """Text already ending with EOS (twice): one EOS at the end; a newline before the first
+    EOS is the response's own and stays."""
+    pair = PreferencePair(1, "say", chosen, " no .")
+    out = tokenize_pair(pair, make_tokenizer(chat_template=False), max_length=64)
+    expected = (300, 7, 6, 3) if chosen.startswith(" paris .\n") else (300, 7, 3)
+    assert out.chosen_ids == expected
+
+
+def test_chat_content_ending_with_eos_is_not_doubled() -> None:
+    """Content "hello .<|im_end|>" closed again by ChatML: "<|im_end|><|im_end|>" → one."""
+    pair = PreferencePair(
+        1,
+        ({"role": "user", "content": "say hello"},),
+        ({"role": "assistant", "content": "hello .<|im_end|>"},),
+        ({"role": "assistant", "content": "no ."},),
+    )
+    out = tokenize_pair(pair, make_tokenizer(), max_length=64)
+    assert out.chosen_ids == (131, 7, 5)
 
 
 # ---------------------------------------------------------------- boundary

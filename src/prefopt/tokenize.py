@@ -14,10 +14,19 @@ How a row becomes ids (the same path for pairs, unpaired/KTO examples and SFT):
 3. Split. The prompt's ids must be a prefix of the prompt+response ids. When a token merges
    across the boundary (e.g. "cat" + "s" -> "cats"), the response is encoded on its own instead
    and the row is listed in `TokenizeReport.boundary_fixed`.
-4. End with EOS exactly once. Chat templates often close a turn with EOS plus a newline (ChatML:
-   "<|im_end|>\\n"); whitespace-only tokens after the response's last EOS are dropped, so the
-   response ends with EOS and the newline (part of the gap before the next turn) is not trained.
-   A response that does not end with EOS gets one appended.
+4. End with exactly one EOS. The rule, for one assistant message or several:
+   - Every assistant turn is closed by the template's end-of-turn token, as the template
+     renders it. A response of several assistant messages is rendered like any conversation:
+     each turn closed, the template's separator and next assistant header between turns. Where
+     the end-of-turn token is EOS (ChatML's "<|im_end|>" in SmolLM2-Instruct), such a response
+     holds one EOS per assistant turn; where it is not, each turn keeps the template's own
+     end-of-turn token (and what the template writes after it, e.g. a newline) and EOS appears
+     once, appended at the end.
+   - The response ends with exactly one EOS, never a doubled one: whitespace-only tokens after
+     its last EOS are dropped (ChatML closes a turn with "<|im_end|>\\n"; the newline is part of
+     the gap before the next turn and is not trained); EOS repeated at the end (EOS, possibly
+     whitespace, EOS: text that already ends with EOS, closed again by the template) is cut
+     back to the first; a response that does not end with EOS gets one appended.
 5. Truncate (see `_truncate`): the prompt from the left to `max_prompt_length`, keeping BOS at
    position 0, then responses from the right to fit `max_length`; a cut response has no EOS.
 
@@ -101,13 +110,16 @@ def _encode_row(
 
 
 def _end_with_eos(info: TokenizerInfo, ids: list[int], index: int, name: str) -> list[int]:
-    """Drop whitespace tokens after the last EOS, or append EOS; reject blank responses."""
+    """End `ids` with exactly one EOS (step 4 of the module docstring): drop whitespace tokens
+    after the last EOS or append EOS, then cut a repeated final EOS back to one; reject blank
+    responses. EOS inside the response (closing earlier assistant turns) is left as it is."""
     if info.eos_id in ids:
         last = len(ids) - 1 - ids[::-1].index(info.eos_id)
         if all(info.is_blank(t) for t in ids[last + 1 :]):
             ids = ids[: last + 1]
     if ids[-1:] != [info.eos_id]:
         ids = [*ids, info.eos_id]
+    ids = _single_final_eos(info, ids)
     if all(info.is_blank(t) for t in ids[:-1]):
         raise RowError(
             "empty_response",
@@ -116,6 +128,18 @@ def _end_with_eos(info: TokenizerInfo, ids: list[int], index: int, name: str) ->
             field=name,
         )
     return ids
+
+
+def _single_final_eos(info: TokenizerInfo, ids: list[int]) -> list[int]:
+    """`ids` (ending with EOS) cut at the first EOS of its final run of EOS and whitespace
+    tokens: [.., EOS, EOS] and [.., EOS, "\\n", EOS] become [.., EOS]."""
+    end = len(ids) - 1  # position of the EOS kept
+    for j in range(len(ids) - 2, -1, -1):
+        if ids[j] == info.eos_id:
+            end = j
+        elif not info.is_blank(ids[j]):
+            break
+    return ids[: end + 1]
 
 
 def _truncate(

@@ -19,7 +19,10 @@ class TokenizedPair:
         index: Source row index.
         prompt_ids: Prompt tokens, including BOS (exactly one, if the tokenizer uses one) and the
             chat template's generation prompt.
-        chosen_ids: Chosen response tokens only, ending with EOS exactly once (unless truncated).
+        chosen_ids: Chosen response tokens only, ending with exactly one EOS (unless truncated).
+            A response of several assistant messages also keeps the template's end-of-turn
+            token closing each earlier turn (EOS itself where the template's end-of-turn is EOS,
+            e.g. ChatML); see `prefopt.tokenize`, step 4.
         rejected_ids: Rejected response tokens, same rules.
         truncated: Whether the prompt or a response was cut to fit the length limits.
     """
@@ -38,7 +41,8 @@ class TokenizedExample:
     Attributes:
         index: Source row index.
         prompt_ids: Prompt tokens, as in `TokenizedPair`.
-        completion_ids: Completion tokens, ending with EOS exactly once (unless truncated).
+        completion_ids: Completion tokens, ending with exactly one EOS (unless truncated), as
+            `TokenizedPair.chosen_ids`.
         label: True if desirable, False if undesirable (KTO); None for SFT.
         truncated: Whether the prompt or the completion was cut to fit the length limits.
     """
