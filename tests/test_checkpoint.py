@@ -240,6 +240,71 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["step-000003"]
 
 
+def _crash_on_rename(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """Die (KeyboardInterrupt: nothing cleans up after it) when a folder named `prefix*` is
+    about to be renamed."""
+    real = Path.rename
+
+    def rename(self: Path, target: Any) -> Any:
+        if self.name.startswith(prefix):
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def _tokens_seen(folder: Path) -> int:
+    return int(json.loads((folder / "trainer_state.json").read_text())["tokens_seen"])
+
+
+def test_crash_while_replacing_a_step_leaves_a_usable_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saving step 3 again: the old folder is renamed aside, the new one renamed in, then the
+    old deleted. Killed between the renames, `step-000003` is briefly absent; the next
+    `list_checkpoints` puts the old (complete) one back, so resume=latest still finds it."""
+    model = make_model("llama")
+    _save(tmp_path, model, step=3, tokens_seen=1)  # keep=1 below: the only checkpoint
+    _crash_on_rename(monkeypatch, ".tmp-step-000003")
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, model, step=3, tokens_seen=2, keep=1)
+    monkeypatch.undo()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n.split("-")[0] for n in names] == [".old", ".tmp"]  # no step-000003 right now
+    latest = resolve_resume(tmp_path, "latest")
+    assert latest == tmp_path / "step-000003" and _tokens_seen(latest) == 1
+    load_checkpoint(latest, model, *_parts(model))
+    assert not any(p.name.startswith(".old-") for p in tmp_path.iterdir())
+    # The next save of the same step replaces it cleanly.
+    _save(tmp_path, model, step=3, tokens_seen=3, keep=1)
+    assert _tokens_seen(tmp_path / "step-000003") == 3
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == "step-000003"
+
+
+def test_crash_after_replacing_a_step_keeps_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after both renames but before the old folder is deleted: the new step stands and
+    the stale `.old-*` is removed, never restored over it."""
+    model = make_model("llama")
+    _save(tmp_path, model, step=3, tokens_seen=1)
+    real_rmtree = shutil.rmtree
+
+    def crash_on_old(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(".old-") and Path(path).exists():
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", crash_on_old)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, model, step=3, tokens_seen=2)
+    monkeypatch.undo()
+    assert any(p.name.startswith(".old-step-000003") for p in tmp_path.iterdir())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
+    assert _tokens_seen(tmp_path / "step-000003") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000003"]
+
+
 def test_resolve_resume_errors_clearly(tmp_path: Path) -> None:
     with pytest.raises(PrefoptError, match="resume=latest: no complete checkpoint"):
         resolve_resume(tmp_path / "never_created", "latest")

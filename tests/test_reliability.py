@@ -345,6 +345,52 @@ def test_write_failure_leaves_no_corrupt_checkpoint(
     assert resumed.state.step == 4
 
 
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """A subprocess preexec_fn: files of at most `limit` bytes, and a write past it fails with
+    EFBIG instead of killing the process (SIGXFSZ ignored; both survive exec)."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return apply
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file size limits")
+@pytest.mark.parametrize("failing", ["trainable.safetensors", "optimizer.pt"])
+def test_real_file_size_limit_is_a_clear_error_and_keeps_the_last_checkpoint(
+    assets: dict[str, Path], tmp_path: Path, failing: str
+):
+    """Not a mock: the kernel refuses the write (RLIMIT_FSIZE). safetensors and torch.save then
+    raise their own types (SafetensorError, RuntimeError "unexpected pos"), not OSError."""
+    out = tmp_path / "out"
+    run_in_process(assets, out, "train.max_steps=1", "output.save_every=1")
+    step1 = out / "checkpoints" / "step-000001"
+    before = {p.name: p.read_bytes() for p in step1.iterdir()}
+    weights, optimizer = len(before["trainable.safetensors"]), len(before["optimizer.pt"])
+    assert weights < optimizer  # Adam keeps two moments per weight
+    # Below the weights file, or between it and the optimizer file (written second):
+    limit = weights // 2 if failing == "trainable.safetensors" else (weights + optimizer) // 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = base_args(assets, out, "train.max_steps=2", "output.save_every=1", "resume=latest")
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefopt.cli", "train", *args], capture_output=True, text=True,
+        env=env, timeout=WAIT_S, preexec_fn=_limit_file_size(limit),
+    )  # fmt: skip
+    err = proc.stderr
+    assert proc.returncode == EXIT_ERROR and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1, err
+    assert "could not write checkpoint" in lines[0] and "step-000002" in lines[0]
+    assert "file size limit" in lines[0], lines[0]
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .tmp-* left
+    assert {p.name: p.read_bytes() for p in step1.iterdir()} == before
+    assert resolve_resume(root, "latest") == step1
+
+
 # ---------------------------------------------------------------------------------------------
 # Trust: no pickle code execution, no remote code, no network for local folders
 

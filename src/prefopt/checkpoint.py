@@ -3,11 +3,15 @@
 A checkpoint folder `checkpoints/step-000010/` holds the trainable weights (safetensors), the
 optimizer and scheduler states, every RNG state, the trainer's position in the data and the
 config. It is written under a temporary name and renamed when complete, so `resume=latest`
-only ever sees finished checkpoints. Everything loads with `weights_only=True`.
+only ever sees finished checkpoints; saving a step that exists renames the old folder aside
+before the new one takes its name, and deletes it last. A write that fails (disk full, file size
+limit) removes the temporary folder and raises one `PrefoptError` naming the cause. Everything
+loads with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +40,7 @@ from prefopt.sharding import shard_like, shard_optimizer_state
 logger = logging.getLogger(__name__)
 
 _PREFIX = "step-"
+_OLD = ".old-"
 _NAME = re.compile(r"step-(\d+)")
 
 
@@ -142,15 +148,72 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except OSError as exc:
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        # safetensors and torch.save report a full disk as their own types (SafetensorError
+        # "File too large (os error 27)", RuntimeError "[enforce fail ...] unexpected pos").
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PrefoptError(f"could not write checkpoint {final}: {exc}") from None
+        raise PrefoptError(
+            f"could not write checkpoint {final}: {write_failure(exc, root)}"
+        ) from None
+    _replace(tmp, final)
     _prune(root, keep)
     logger.info("checkpoint saved: %s", final)
     return final
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` to `final`; an existing `final` (a step saved again after a
+    resume) is renamed aside first and deleted last, so a crash at any point leaves a complete
+    step folder, or the old one under `.old-*` that `list_checkpoints` puts back."""
+    old = final.with_name(f"{_OLD}{final.name}-{os.getpid()}")
+    try:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise PrefoptError(f"could not write checkpoint {final}: {exc}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """Why a write into `folder` failed, in words: the cause (disk full, file size limit,
+    quota) where the error says it, else the error's text with the likely causes."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = getattr(exc, "errno", None)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        code = int(found[1])
+    causes = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EFBIG: "a file exceeds the file size limit (ulimit -f)",
+    }
+    if code in causes:
+        return f"{causes[code]} ({text})"
+    limit = _file_size_limit()
+    if limit is not None:  # torch.save's short write says only "unexpected pos"
+        return f"a file may exceed the file size limit (ulimit -f: {limit} bytes) ({text})"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"the disk is full ({text})"
+    return f"{text} (disk full, quota or file size limit?)"
+
+
+def _file_size_limit() -> int | None:
+    """This process's file size limit in bytes (RLIMIT_FSIZE), or None when unlimited."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,9 +238,28 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints in `root`, oldest first (temporary folders are ignored)."""
     if not root.is_dir():
         return []
+    _restore_replaced(root)
     # Only exact "step-<digits>" names: a copied "step-000010-backup" must not crash the sort.
     done = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and _complete(p)]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def _restore_replaced(root: Path) -> None:
+    """Undo a replacement cut short between its two renames (see `_replace`): a complete
+    `.old-step-N-PID` without its `step-N` goes back; one whose step was replaced is stale."""
+    for old in root.glob(f"{_OLD}{_PREFIX}*"):
+        name = old.name[len(_OLD) :].rpartition("-")[0]
+        if not _NAME.fullmatch(name):
+            continue
+        final = root / name
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        elif _complete(old):
+            try:
+                old.rename(final)
+            except OSError:
+                continue  # another process put it back first
+            logger.warning("%s: restored from %s (a save replacing it was cut short)", final, old)
 
 
 def _complete(path: Path) -> bool:
