@@ -164,7 +164,7 @@ def test_build_and_resume(tmp_path: Path, capsys) -> None:
         ),
         (
             '{"prompt": [{"role": "user", "content": "p"}], "chosen": [], "rejected": []}',
-            "row 1, field 'prompt': row is in 'conversational' format",
+            "row 1: row is in another format (conversational) than row 0 (standard)",
         ),
     ],
 )

@@ -26,6 +26,10 @@ def write_lines(path: Path, lines: list[Any]) -> Path:
     return path
 
 
+HH = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}
+SHP = {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}
+
+
 def test_mixed_formats_name_the_row_or_are_skipped(tmp_path: Path) -> None:
     chat = {
         "prompt": [{"role": "user", "content": "p"}],
@@ -33,15 +37,44 @@ def test_mixed_formats_name_the_row_or_are_skipped(tmp_path: Path) -> None:
         "rejected": [{"role": "assistant", "content": "b"}],
     }
     unpaired = {"prompt": "p", "completion": "a", "label": True}
-    path = write_lines(tmp_path / "mixed.jsonl", [GOOD, GOOD, chat, GOOD, chat, unpaired])
+    half = {"prompt": "q", "chosen": "c"}  # lacks a column, but is no other format
+    path = write_lines(tmp_path / "mixed.jsonl", [GOOD, GOOD, chat, GOOD, chat, unpaired, half])
     with pytest.raises(DataError) as info:
         load_data(path)
     assert (info.value.file, info.value.row) == (str(path), 2)
-    assert "'conversational' format, but the data is in 'standard'" in str(info.value)
+    assert "row is in another format (conversational) than row 0 (standard)" in str(info.value)
     data = load_data(path, on_error="skip")
-    # A row lacking the format's columns is not another format but a row error.
-    assert data.report.dropped == {"chosen: missing column": [5], OTHER_FORMAT: [2, 4]}
+    assert data.report.dropped == {"rejected: missing column": [6], OTHER_FORMAT: [2, 4, 5]}
     assert [e.index for e in data.examples] == [0, 1, 3]
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "names"),
+    [
+        (GOOD, HH, "(hh) than row 0 (standard)"),  # HH rows lack the prompt column
+        (HH, GOOD, "(standard) than row 0 (hh)"),
+        (GOOD, SHP, "(shp) than row 0 (standard)"),
+        (SHP, GOOD, "(standard) than row 0 (shp)"),
+        (SHP, HH, "(hh) than row 0 (shp)"),
+    ],
+)
+def test_hh_and_shp_rows_among_others_name_both_formats(
+    tmp_path: Path, first: dict[str, Any], then: dict[str, Any], names: str
+) -> None:
+    path = write_lines(tmp_path / "mixed.jsonl", [first, first, then, first])
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert info.value.row == 2 and f"row is in another format {names}" in str(info.value)
+    data = load_data(path, on_error="skip")
+    assert data.report.dropped == {OTHER_FORMAT: [2]}
+    assert [e.index for e in data.examples] == [0, 1, 3]
+
+
+def test_a_given_format_also_names_rows_in_another(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "mixed.jsonl", [GOOD, SHP])
+    with pytest.raises(DataError, match=r"another format \(shp\) than the given format"):
+        load_data(path, format="standard")
+    assert load_data(path, format="standard", on_error="skip").report.dropped == {OTHER_FORMAT: [1]}
 
 
 def test_non_utf8_bytes_name_row_and_field(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ On top of `prefopt.data.load_preference_data` this
 * knows the extra source formats "shp" and "ranked" (see `extra_formats`) and UltraFeedback's
   all-pairs expansion,
 * counts rows with an empty field (blank text, null, empty list) as findings rather than errors,
-* with `on_error="skip"`, also skips rows in a different format from row 0 (counted).
+* names the format of a row in another format than row 0 (also one that only lacks row 0's
+  columns, e.g. an HH row after standard rows), and with `on_error="skip"` skips it (counted).
 
 Rows that are left out before normalisation are replaced by a valid stand-in row of the same
 format, so `normalize_rows` still sees every row at its own index (its errors name the right
@@ -17,7 +18,7 @@ row); the stand-ins' examples are then removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, cast
@@ -121,11 +122,12 @@ def load_data(
     left_out: dict[str, list[int]] = {k: list(v) for k, v in raw.skipped.items()}
     if all(r is None for r in rows):
         raise DataError("no readable rows", file=source)
-    fmt = format
     if format == "auto":
         fmt, other = _auto_format(rows, columns, source, on_error)
-        if other:
-            left_out[OTHER_FORMAT] = other
+    else:
+        fmt, other = format, _other_rows(rows, format, columns, source, on_error)
+    if other:
+        left_out[OTHER_FORMAT] = other
     empty = _empty_rows(rows, fmt, columns, set(sum(left_out.values(), [])))
     skipped = set(sum(left_out.values(), [])) | set(empty)
     stand_in = _stand_in(fmt, columns)
@@ -183,7 +185,9 @@ def _auto_format(
     first = rows[first_index]
     assert first is not None
     try:
-        return _detect([first if r is None else r for r in rows], columns, source, on_error)
+        return _detect(
+            [first if r is None else r for r in rows], columns, source, on_error, first_index
+        )
     except DataError as error:
         if error.row != 0 or first_index == 0:
             raise
@@ -192,35 +196,102 @@ def _auto_format(
 
 
 def _detect(
-    rows: list[Row], columns: ColumnMap, source: str, on_error: OnError
+    rows: list[Row], columns: ColumnMap, source: str, on_error: OnError, first: int = 0
 ) -> tuple[str, list[int]]:
-    """The format of row 0, and (on_error="skip") the rows in another format, which are
-    replaced by row 0 in `rows`. With on_error="raise" the first such row raises."""
+    """The format of row 0, and (on_error="skip") the rows in another format; with
+    on_error="raise" the first such row raises. `first` is the source row the format was
+    decided from (row 0 unless that was unreadable)."""
     extra = sniff_extra_format(rows[0], columns) if isinstance(rows[0], Mapping) else None
-    check: Callable[[Sequence[Any]], str]
-    if extra is not None:
-
-        def check(seq: Sequence[Any]) -> str:
-            check_extra_format(seq, extra, columns, source)
-            return extra
-
-    else:
-
-        def check(seq: Sequence[Any]) -> str:
-            return detect_format(seq, columns, source=source)
-
+    fmt = extra or detect_format(rows[:1], columns, source=source)
     other: list[int] = []
+    for index, kind, error in _mismatches(rows, fmt, extra is not None, columns, source):
+        if on_error == "skip":
+            other.append(index)
+        elif kind is None and error is not None:
+            raise error
+        else:
+            raise _mismatch(str(kind), fmt, source, index, f"row {first}")
+    return fmt, other
+
+
+def _mismatches(
+    rows: Sequence[Row], fmt: str, extra: bool, columns: ColumnMap, source: str
+) -> Iterator[tuple[int, str | None, FormatMismatchError | None]]:
+    """(row, its format if known, the check's error) of each row not in `fmt`, in order.
+
+    Two checks find them: the format's own (a row that is clearly another format), and, for
+    a row lacking the format's columns (which that check leaves to normalisation as a "missing
+    column"), the sniffers: a row with every column of another format is in that format.
+    """
     start = 1
     while True:
+        error: FormatMismatchError | None = None
         try:
-            return check(_Tail(rows, start)), other
-        except FormatMismatchError as error:
-            if on_error == "raise" or error.row is None:
-                raise  # (with on_error="raise", start is 1: the error's row is the source row)
-            index = start + error.row - 1
+            if extra:
+                check_extra_format(_Tail(rows, start), fmt, columns, source)
+            else:
+                detect_format(_Tail(rows, start), columns, source=source)
+            end = len(rows)
+        except FormatMismatchError as caught:
+            if caught.row is None:
+                raise
+            end, error = start + caught.row - 1, caught
+        for index in range(start, end):  # rows that passed the check
+            kind = _other_format(rows[index], fmt, columns)
+            if kind is not None:
+                yield index, kind, None
+        if error is None:
+            return
+        kind = _row_format(rows[end], columns)
+        yield end, kind if kind != fmt else None, error
+        start = end + 1
+
+
+def _other_rows(
+    rows: Sequence[Row | None], fmt: str, columns: ColumnMap, source: str, on_error: OnError
+) -> list[int]:
+    """With a given format: the rows lacking its columns that are in another (see
+    `_mismatches`); the first raises with on_error="raise"."""
+    other = []
+    for index, row in enumerate(rows):
+        kind = _other_format(row, fmt, columns)
+        if kind is not None:
+            if on_error == "raise":
+                raise _mismatch(kind, fmt, source, index, "the given format")
             other.append(index)
-            rows[index] = rows[0]
-            start = index + 1
+    return other
+
+
+def _mismatch(kind: str, fmt: str, source: str, index: int, basis: str) -> FormatMismatchError:
+    return FormatMismatchError(
+        f"row is in another format ({kind}) than {basis} ({fmt}); all rows of a file must use "
+        "one format",
+        file=source,
+        row=index,
+    )
+
+
+def _row_format(row: Any, columns: ColumnMap) -> str | None:
+    """The format `row` looks like on its own, or None if it looks like none."""
+    if not isinstance(row, Mapping):
+        return None
+    extra = sniff_extra_format(row, columns)
+    if extra is not None:
+        return extra
+    try:
+        return detect_format([row], columns)
+    except DataError:
+        return None
+
+
+def _other_format(row: Any, fmt: str, columns: ColumnMap) -> str | None:
+    """The other format of a row lacking `fmt`'s columns but having all of another's."""
+    if not isinstance(row, Mapping) or all(c in row for c in _required(fmt, row, columns)):
+        return None
+    kind = _row_format(row, columns)
+    if kind is None or kind == fmt or not all(c in row for c in _required(kind, row, columns)):
+        return None
+    return kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +312,11 @@ def _fields(fmt: str, row: Mapping[str, Any], columns: ColumnMap) -> list[str]:
     if fmt == "shp":
         return ["history" if "history" in row else columns.prompt, "human_ref_A", "human_ref_B"]
     return [columns.prompt, next((c for c in ("ranked", "ranking") if c in row), "responses")]
+
+
+def _required(fmt: str, row: Mapping[str, Any], columns: ColumnMap) -> list[str]:
+    """The columns a row of `fmt` must have."""
+    return [*_fields(fmt, row, columns), *([columns.label] if fmt == "unpaired" else [])]
 
 
 def _blank(value: Any, path: str) -> str | None:
