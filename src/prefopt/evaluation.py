@@ -1,13 +1,22 @@
 """Preference metrics of a policy over a whole dataset, without training.
 
 Uses the same step functions as training, so `eval` numbers equal the training loop's own
-metrics on the same batch, in the same layout (two rows per pair, or shared prefixes).
+metrics on the same batch, in the same layout (two rows per pair, or shared prefixes), for
+pairs and for KTO's unpaired rows alike.
+
+An evaluation also reports what only a whole, fixed eval set shows (the health checks read
+them from the eval records):
+    ref_logps/chosen, ref_logps/rejected   mean reference log-probs; a frozen reference gives
+                                           the same values at every evaluation (drift check)
+    length/margin_corr                     Pearson r of each pair's length gap (chosen −
+                                           rejected tokens) and its reward margin (length bias)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +26,8 @@ from prefopt.collate import PairBatch, collate_examples, collate_pairs
 from prefopt.loss_registry import LossParams
 from prefopt.metrics import MetricAccumulator
 from prefopt.prefix_collate import SharedPrefixBatch, collate_shared_prefix
-from prefopt.reference import Reference
+from prefopt.reference import Reference, Rows
+from prefopt.series_stats import correlation
 from prefopt.sft import is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
 from prefopt.tokenize import TokenizedExample, TokenizedPair
@@ -105,27 +115,94 @@ def evaluate_dataset(
     pack: bool = False,
 ) -> dict[str, float]:
     """Mean metrics over `examples` in eval mode (no dropout), in order, batch by batch
-    (`prefix_sharing`, `pack`: see `micro_step`)."""
+    (`prefix_sharing`, `pack`: see `micro_step`).
+
+    Besides the training metrics: `ref_logps/chosen` and `ref_logps/rejected` (with a
+    reference; for KTO split by label like `logps/*`), and for pairs `length/margin_corr`
+    (see the module docstring; over this process's pairs, `reduce` does not apply to it).
+    `on_batch` sees each batch's output with the `ref_logps/*` values added.
+    """
     was_training = scorer.training
     scorer.eval()
     acc = MetricAccumulator()
+    gaps: list[float] = []  # per pair: chosen tokens − rejected tokens
+    margins: list[float] = []
+    recorder = _RecordingReference(reference) if reference is not None else None
     try:
         for start in range(0, len(examples), batch_size):
             positions = list(range(start, min(start + batch_size, len(examples))))
             chunk = [examples[i] for i in positions]
+            if recorder is not None:
+                recorder.values.clear()
             out, _ = micro_step(
-                scorer, reference, chunk, positions, loss_cfg,
+                scorer, recorder, chunk, positions, loss_cfg,
                 pad_token_id=pad_token_id, device=device, split=split, max_length=max_length,
                 prefix_sharing=prefix_sharing, pack=pack,
             )  # fmt: skip
+            out = _with_reference_logps(out, chunk, positions, recorder, split)
             acc.add(out.metrics)
+            m = out.metrics
+            if out.logps is not None and "tokens/chosen" in m and "tokens/rejected" in m:
+                gaps += (m["tokens/chosen"] - m["tokens/rejected"]).tolist()
+                margins += m["rewards/margins"].tolist()
             if on_batch is not None:
                 on_batch(positions, out)
     finally:
         scorer.train(was_training)
     metrics = acc.compute(reduce)
+    if len(gaps) >= 2:
+        metrics["length/margin_corr"] = correlation(gaps, margins)
     metrics["num_pairs"] = float(len(examples))
     return metrics
+
+
+class _RecordingReference:
+    """A reference that keeps what it returned per row key: KTO's step returns metrics only,
+    and its per-example rows and `ref_logps/*` need the reference's values."""
+
+    def __init__(self, inner: Reference):
+        self.inner = inner
+        self.strategy = inner.strategy
+        self.equals_initial_policy = inner.equals_initial_policy
+        self.values: dict[Hashable, float] = {}
+
+    def row_logps(self, rows: Rows, keys: Sequence[Hashable]) -> torch.Tensor:
+        logps = self.inner.row_logps(rows, keys)
+        if keys:
+            self.values.update(zip(keys, logps.tolist(), strict=True))
+        return logps
+
+
+def _with_reference_logps(
+    out: StepOutput,
+    chunk: Sequence[TokenizedPair | TokenizedExample],
+    positions: Sequence[int],
+    recorder: _RecordingReference | None,
+    split: str,
+) -> StepOutput:
+    """`out` with per-row `ref_logps/chosen|rejected` metrics ([B]; NaN where a KTO row has
+    the other label, as in `logps/*`)."""
+    if out.logps is not None:
+        if out.logps.ref_chosen is None or out.logps.ref_rejected is None:
+            return out
+        ref = {
+            "ref_logps/chosen": out.logps.ref_chosen,
+            "ref_logps/rejected": out.logps.ref_rejected,
+        }
+    elif recorder is not None and chunk and isinstance(chunk[0], TokenizedExample):
+        keys = [(split, p, "completion") for p in positions]
+        if not all(k in recorder.values for k in keys):
+            return out  # an SFT batch: no reference
+        values = torch.tensor([recorder.values[k] for k in keys])  # [N]
+        labels = torch.tensor([bool(e.label) for e in chunk])  # type: ignore[union-attr]
+        nan = torch.full_like(values, float("nan"))
+        ref = {
+            "ref_logps/chosen": torch.where(labels, values, nan),
+            "ref_logps/rejected": torch.where(labels, nan, values),
+        }
+    else:
+        return out
+    return dataclasses.replace(out, metrics={**out.metrics, **ref})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +283,39 @@ def _item(counts: torch.Tensor | None, j: int) -> int | None:
     return None if counts is None else int(counts[j].item())
 
 
+def per_example_rows(
+    examples: Sequence[TokenizedExample], positions: Sequence[int], out: StepOutput
+) -> list[dict[str, Any]]:
+    """One JSON-able dict per unpaired (KTO) row of a batch: its source row index, label,
+    log-probs, loss, reward and the batch's KL estimate z₀ (`out` from `evaluate_dataset`,
+    which adds the reference's log-probs)."""
+    m = out.metrics
+    rows = []
+    for j, pos in enumerate(positions):
+        side = "chosen" if examples[pos].label else "rejected"
+        rows.append(
+            {
+                "index": int(examples[pos].index),
+                "label": bool(examples[pos].label),
+                "policy_logps": m[f"logps/{side}"][j].item(),
+                "ref_logps": m[f"ref_logps/{side}"][j].item(),
+                "completion_tokens": int(m["tokens/completion"][j].item()),
+                "loss": out.losses[j].item(),
+                "reward": m[f"rewards/{side}"][j].item(),
+                "kl": m["kl"][j].item(),
+            }
+        )
+    return rows
+
+
 def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics (means over pairs) and per-pair rows of `model_location` on `cfg.data.train`."""
-    from prefopt.errors import ConfigError
+    """Metrics (means over pairs, or over KTO rows) and per-pair (per-row) dicts of
+    `model_location` on `cfg.data.train`.
+
+    Pairs are judged for length bias (`HealthMonitor.update_pairs`); a finding is logged.
+    KTO rows are scored in file order, `train.batch_size` at a time: their KL estimate z₀ is a
+    batch statistic, so it equals training's where the batches hold the same rows.
+    """
     from prefopt.models import load_tokenizer
     from prefopt.pipeline import prepare_data
     from prefopt.prefix_sharing import SharedPrefixLogprobModel
@@ -218,24 +325,45 @@ def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict
     )
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
-    if data.unpaired:
-        raise ConfigError("prefopt eval works on paired data; KTO rows have no pairs to compare")
     policy = load_policy(cfg, model_location)
     scorer = SharedPrefixLogprobModel(
         policy, response_only=cfg.train.response_only_logits, chunk_size=cfg.train.logit_chunk_size
     ).to(device)
     reference = eval_reference(cfg, policy, scorer, device)
-    examples: list[TokenizedPair] = list(data.train)  # type: ignore[arg-type]
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    shared = _eval_prefix_sharing(cfg, policy, examples, batch_size, tokenizer.pad_token_id)
     rows: list[dict[str, Any]] = []
+    if data.unpaired:
+        kto: list[TokenizedExample] = list(data.train)  # type: ignore[arg-type]
+        metrics = evaluate_dataset(
+            scorer, reference, kto, cfg.loss, batch_size=batch_size,
+            pad_token_id=tokenizer.pad_token_id, device=device, split="train",
+            on_batch=lambda pos, out: rows.extend(per_example_rows(kto, pos, out)),
+            max_length=cfg.data.max_length,
+        )  # fmt: skip
+        return metrics, rows
+    examples: list[TokenizedPair] = list(data.train)  # type: ignore[arg-type]
+    shared = _eval_prefix_sharing(cfg, policy, examples, batch_size, tokenizer.pad_token_id)
     metrics = evaluate_dataset(
         scorer, reference, examples, cfg.loss, batch_size=batch_size,
         pad_token_id=tokenizer.pad_token_id, device=device, split="train",
         on_batch=lambda pos, out: rows.extend(per_pair_rows(examples, pos, out)),
-        prefix_sharing=shared,
+        max_length=cfg.data.max_length, prefix_sharing=shared,
     )  # fmt: skip
+    _check_length_bias(rows)
     return metrics, rows
+
+
+def _check_length_bias(rows: Sequence[dict[str, Any]]) -> None:
+    """Per-pair length bias of the evaluated pairs (`HealthMonitor.update_pairs`), logged."""
+    from prefopt.health import HealthMonitor
+
+    pairs = [
+        (r["chosen_tokens"] - r["rejected_tokens"], r["reward_chosen"] - r["reward_rejected"])
+        for r in rows
+        if r["chosen_tokens"] is not None and r["rejected_tokens"] is not None
+    ]
+    for finding in HealthMonitor().update_pairs(pairs):
+        logger.warning("health: %s", finding)
 
 
 def _eval_prefix_sharing(

@@ -110,7 +110,7 @@ def test_a_100_mb_line_is_refused_fast(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 5  # bounded reads; never parsed
 
 
-def test_nan_scores_name_row_and_field(tmp_path: Path) -> None:
+def test_nan_and_infinite_scores_name_row_and_field(tmp_path: Path) -> None:
     ok = {
         "prompt": "p",
         "completions": [{"response": "a", "score": 2}, {"response": "b", "score": 1}],
@@ -133,6 +133,14 @@ def test_nan_scores_name_row_and_field(tmp_path: Path) -> None:
         "score_A": float("nan"),
         "score_B": 1,
     }
+    infinite = b'{"prompt": "q", "responses": ["a", "b"], "scores": [1, Infinity]}'
+    path = write_lines(tmp_path / "inf.jsonl", [ok, infinite, {**ok, "prompt": "r"}])
+    with pytest.raises(DataError) as info:
+        load_data(path)
+    assert (info.value.row, info.value.field) == (1, "scores[1]")
+    assert "score is infinite" in str(info.value)
+    data = load_data(path, on_error="skip", pairs="all")  # the all-pairs path checks it too
+    assert data.report.dropped == {"scores[1]: score is infinite": [1]}
     path = write_lines(tmp_path / "shp.jsonl", [shp])
     with pytest.raises(DataError) as info:
         load_data(path)

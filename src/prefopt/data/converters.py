@@ -245,6 +245,6 @@ def _parallel_completions(row: Mapping[str, Any], ctx: RowContext) -> tuple[list
 def _score(value: Any, field: str, ctx: RowContext) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ctx.error(f"expected a numeric score, got {describe_type(value)}", field)
-    if math.isnan(value):
-        raise ctx.error("score is NaN", field)
+    if not math.isfinite(value):
+        raise ctx.error("score is NaN" if math.isnan(value) else "score is infinite", field)
     return float(value)
