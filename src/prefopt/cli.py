@@ -119,6 +119,7 @@ def _preference_metrics(args: argparse.Namespace) -> tuple[dict[str, Any], list[
     """`run_eval` on --data with a config made of the flags: means and per-pair rows."""
     from prefopt.config_io import load_config
     from prefopt.evaluation import run_eval
+    from prefopt.loss_registry import LOSSES
 
     overrides = [
         f"model.name_or_path={args.model}",
@@ -128,8 +129,6 @@ def _preference_metrics(args: argparse.Namespace) -> tuple[dict[str, Any], list[
         "data.eval_fraction=0",
         "output.progress=false",
     ]
-    if args.ref:
-        overrides.append(f"reference.model={args.ref}")
     if args.dtype:  # only when given: a --config may set it
         overrides.append(f"model.dtype={args.dtype}")
     if args.max_length:
@@ -137,6 +136,14 @@ def _preference_metrics(args: argparse.Namespace) -> tuple[dict[str, Any], list[
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     cfg = load_config(args.config, overrides + args.overrides)
+    if args.ref:  # checked here, not by the config, so the message names the flag
+        if not any(LOSSES[n].needs_reference for n in cfg.loss.names):
+            raise ConfigError(
+                f"--ref is given, but the loss {cfg.loss.names} is reference-free and would "
+                "ignore it; drop --ref"
+            )
+        cfg.reference.model = args.ref
+        cfg.validate()
     return run_eval(cfg, args.model)
 
 
@@ -149,7 +156,7 @@ def _add_eval(sub: Any) -> None:
         help="preference metrics and/or judge win rate of a model against its reference",
         description="With --data: the loss's metrics on preference pairs (no training). With "
         "--prompts: policy and reference sample the same prompts, judges score both, and the "
-        "win rate (95%% interval) and a KL estimate are reported. Both may be given.",
+        "win rate (95% interval) and a KL estimate are reported. Both may be given.",
     )
     add_model_args(p)
     p.set_defaults(batch_size=None, dtype=None)  # unset: the --config's values apply
