@@ -66,6 +66,11 @@ def kinds(findings: list[Finding]) -> list[str]:
     return [f.kind for f in findings]
 
 
+def problems(findings: list[Finding]) -> list[Finding]:
+    """Warnings and errors, without info notes."""
+    return [f for f in findings if f.severity != "info"]
+
+
 def test_healthy_run_is_silent():
     monitor = HealthMonitor()
     assert feed(monitor, healthy_history()) == []
@@ -161,7 +166,7 @@ def test_non_finite_warns_once_until_cleared():
         assert monitor.update(train_record(s)) == []
     again = monitor.update(train_record(6, grad_norm="inf"))
     assert kinds(again) == ["non_finite"]
-    (summary,) = monitor.summary()
+    (summary,) = problems(monitor.summary())
     assert "raised 2 times, first at step 1" in summary.message
 
 
@@ -190,11 +195,64 @@ def test_reference_check():
     assert HealthMonitor().reference_check(0.01, expected_equal=True, tolerance=0.02) == []
 
 
+def test_reference_drift_between_evaluations():
+    """A frozen reference scores the fixed eval set the same every time; a change is drift."""
+    ref = {"ref_logps/chosen": -60.0, "ref_logps/rejected": -62.0}
+    monitor = HealthMonitor()
+    steady = [eval_record(0, **ref), eval_record(20, **ref)]
+    steady.append(eval_record(40, **{**ref, "ref_logps/chosen": -60.00001}))  # float noise
+    assert feed(monitor, steady) == []
+    (drift,) = monitor.update(eval_record(60, **{**ref, "ref_logps/rejected": -65.0}))
+    assert drift.kind == "reference_drift" and drift.severity == "error" and drift.step == 60
+    assert (
+        "ref_logps/rejected" in drift.message and "-62.0000 (step 0) to -65.0000" in drift.message
+    )
+    assert monitor.update(eval_record(80, **ref)) == []  # reported once while active
+    # No reference (reference-free losses): nothing to compare.
+    assert feed(HealthMonitor(), [eval_record(0), eval_record(20)]) == []
+
+
+def test_reference_drift_from_a_saved_history(tmp_path: Path):
+    """A resumed run replays metrics.jsonl: the baseline stays the step-0 evaluation."""
+    ref = {"ref_logps/chosen": -60.0, "ref_logps/rejected": -62.0}
+    history = healthy_history(60)
+    history[0] = eval_record(0, **ref)
+    later = {**ref, "ref_logps/chosen": -58.0}  # a reference rebuilt from the wrong weights
+    history.append(eval_record(60, **later))
+    assert kinds(problems(check_history(history))) == ["reference_drift"]
+
+
+def test_length_bias_from_eval_records():
+    """`length/margin_corr` of an evaluation's pairs: judged after step 0, with enough pairs."""
+    biased = {"length/margin_corr": 0.8, "num_pairs": 30.0}
+    (found,) = HealthMonitor().update(eval_record(20, **biased))
+    assert found.kind == "length_bias" and "r=0.80" in found.message and "30 pairs" in found.message
+    assert HealthMonitor().update(eval_record(0, **biased)) == []  # the reference's own margins
+    assert HealthMonitor().update(eval_record(20, **{**biased, "num_pairs": 8.0})) == []
+    assert HealthMonitor().update(eval_record(20, **{**biased, "length/margin_corr": 0.3})) == []
+
+
+def test_summary_says_when_overfitting_was_not_checked():
+    two = HealthMonitor()
+    feed(two, [eval_record(0), train_record(1), eval_record(1)])
+    (note,) = two.summary()
+    assert note.kind == "overfitting" and note.severity == "info"
+    assert "only 2 evaluations (step 0, 1)" in note.message and "eval.every_steps" in note.message
+    none = HealthMonitor()
+    feed(none, [train_record(1)])
+    assert "no held-out data" in none.summary()[0].message
+    three = HealthMonitor()
+    feed(three, healthy_history(40))  # evaluations at steps 0, 20, 40
+    assert three.summary() == []
+
+
 def test_summary_lists_errors_first():
     monitor = HealthMonitor()
     feed(monitor, [eval_record(0), eval_record(20, **{"logps/chosen": -75.0})])
     monitor.update(train_record(21, loss="nan"))
-    assert kinds(monitor.summary()) == ["non_finite", "displacement"]
+    # Errors, warnings, then notes: 2 evaluations left the overfitting check out.
+    assert kinds(monitor.summary()) == ["non_finite", "displacement", "overfitting"]
+    assert monitor.summary()[-1].severity == "info"
     assert str(monitor.summary()[0]).startswith("[error] step 21 non_finite:")
 
 

@@ -12,7 +12,13 @@ Kinds of finding:
     length_bias      the margin follows the chosen/rejected length gap.
     overfitting      train accuracy (or loss) pulls away from eval while eval loss rises.
     non_finite       a metric is NaN or ±Inf (written as strings like "nan" in metrics.jsonl).
-    reference_drift  the reference model is not what it should be (see `reference_check`).
+    reference_drift  the reference model is not what it should be: at the start (see
+                     `reference_check`), or it changed during training (each evaluation's
+                     mean reference log-probs, `ref_logps/*`, compared with the first one's).
+
+Per-pair length bias is judged on one evaluation's pairs: from `update_pairs`, or from an eval
+record's `length/margin_corr` (which `evaluation.evaluate_dataset` computes over its pairs).
+`summary()` also says when the overfitting check could not run (fewer than 3 evaluations).
 """
 
 from __future__ import annotations
@@ -31,7 +37,17 @@ Kind = Literal["displacement", "length_bias", "overfitting", "non_finite", "refe
 Severity = Literal["info", "warning", "error"]
 
 SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
-__all__ = ["SEVERITY_ORDER", "Finding", "HealthMonitor", "as_float", "check_history", "linear_fit"]
+MIN_EVALS_FOR_OVERFITTING = 3
+"""Evaluations the overfitting check needs: a best eval loss, then a later rise above it."""
+__all__ = [
+    "MIN_EVALS_FOR_OVERFITTING",
+    "SEVERITY_ORDER",
+    "Finding",
+    "HealthMonitor",
+    "as_float",
+    "check_history",
+    "linear_fit",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,11 @@ class HealthMonitor:
         overfit_loss_gap: Eval loss minus train loss above this is a gap.
         overfit_loss_rise: Eval loss must exceed its lowest value so far by more than this.
         reference_tolerance: Default max |Δ log π| (nats) for `reference_check`.
+        reference_drift_tolerance: Largest relative change of an eval's mean reference
+            log-prob (`ref_logps/chosen`, `ref_logps/rejected`) from the first evaluation's
+            that still counts as the same reference. The eval set and its batches are fixed,
+            so a frozen reference scores them the same every time; 1e-3 is 0.06 nats on a mean
+            of -60, far above float noise and far below what a single training step moves.
         clear_after: Consecutive passing checks before a reported problem counts as cleared.
     """
 
@@ -99,6 +120,7 @@ class HealthMonitor:
         overfit_loss_gap: float = 0.3,
         overfit_loss_rise: float = 0.01,
         reference_tolerance: float = 1e-3,
+        reference_drift_tolerance: float = 1e-3,
         clear_after: int = 3,
     ):
         self.window, self.min_points = window, min_points
@@ -109,6 +131,7 @@ class HealthMonitor:
         self.overfit_acc_gap, self.overfit_loss_gap = overfit_acc_gap, overfit_loss_gap
         self.overfit_loss_rise = overfit_loss_rise
         self.reference_tolerance = reference_tolerance
+        self.reference_drift_tolerance = reference_drift_tolerance
         self.clear_after = clear_after
         self._train: deque[dict[str, float]] = deque(maxlen=max(window, length_window))
         self._length_window = length_window
@@ -137,6 +160,13 @@ class HealthMonitor:
             self._evals.append(finite)
             new += self._judge("displacement", "eval", self._displacement_eval())
             new += self._judge("overfitting", "eval", self._overfitting())
+            new += self._judge("reference_drift", "evals", self._reference_drift_eval())
+            pairs = as_float(record.get("num_pairs"))
+            r = finite.get("length/margin_corr")
+            # At step 0 the margins are the reference's own (zero, or rounding noise when the
+            # reference equals the policy): nothing has been learned yet to be biased.
+            if r is not None and pairs is not None and self._step > 0:
+                new += self._judge("length_bias", "pairs", self._length_r_finding(r, pairs))
         return new
 
     def update_pairs(
@@ -151,15 +181,17 @@ class HealthMonitor:
             self._step = step
         clean = [(float(d), float(m)) for d, m in pairs if math.isfinite(d) and math.isfinite(m)]
         finding = None
-        if len(clean) >= self.length_min_points:
+        if clean:
             diffs, margins = zip(*clean, strict=True)
-            finding = self._length_finding(list(diffs), list(margins), "pairs")
+            finding = self._length_r_finding(correlation(diffs, margins), len(clean))
         return self._judge("length_bias", "pairs", finding)
 
     def reference_check(
         self, max_abs_diff: float, expected_equal: bool, tolerance: float | None = None
     ) -> list[Finding]:
         """Judge a measured max |log π_ref - log π_policy| (nats) at the start of training.
+
+        (A reference that changes later shows in the eval records: see `update`.)
 
         Args:
             max_abs_diff: Largest per-sequence difference measured on a batch.
@@ -208,6 +240,9 @@ class HealthMonitor:
             if len(group) > 1:
                 message += f" (raised {len(group)} times, first at step {group[0].step})"
             out.append(Finding(last.kind, severity, last.step, message))
+        unchecked = self._overfitting_unchecked() if "overfitting" not in by_kind else None
+        if unchecked is not None:
+            out.append(unchecked)
         return sorted(out, key=lambda f: (SEVERITY_ORDER[f.severity], f.step))
 
     # ----------------------------------------------------------------- bookkeeping
@@ -232,6 +267,51 @@ class HealthMonitor:
         return []
 
     # ----------------------------------------------------------------- checks
+
+    def _overfitting_unchecked(self) -> Finding | None:
+        """An info note when too few evaluations were seen to judge overfitting: it needs a
+        best eval loss and a later rise, so at least 3 evaluations."""
+        n = len(self._evals)
+        if n >= MIN_EVALS_FOR_OVERFITTING:
+            return None
+        if n == 0:
+            why = "the run had no evaluation (no held-out data)"
+            fix = "give held-out data (data.eval or data.eval_fraction) and set eval.every_steps"
+        else:
+            steps = ", ".join(str(int(e["step"])) for e in self._evals)
+            why = f"only {n} evaluation{'s' if n > 1 else ''} (step {steps})"
+            fix = "set eval.every_steps to about a fifth of the run's steps"
+        return self._finding(
+            "overfitting", "info",
+            f"overfitting was not checked: {why}, and the check needs eval loss at "
+            f"{MIN_EVALS_FOR_OVERFITTING} or more points (a best value, then a rise). To have "
+            f"it checked, {fix}",
+        )  # fmt: skip
+
+    def _reference_drift_eval(self) -> Finding | None:
+        """The latest eval's mean reference log-probs against the first eval's."""
+        keys = ("ref_logps/chosen", "ref_logps/rejected")
+        first = next((e for e in self._evals if any(k in e for k in keys)), None)
+        last = self._evals[-1]
+        if first is None or first is last:
+            return None
+        worst = None
+        for key in (k for k in keys if k in first and k in last):
+            change = abs(last[key] - first[key]) / max(1.0, abs(first[key]))
+            if change > self.reference_drift_tolerance and (worst is None or change > worst[0]):
+                worst = (change, key)
+        if worst is None:
+            return None
+        key = worst[1]
+        return self._finding(
+            "reference_drift", "error",
+            f"the reference changed during training: its mean {key} on the eval set moved from "
+            f"{first[key]:.4f} (step {int(first['step'])}) to {last[key]:.4f} nats (relative "
+            f"change {worst[0]:.3g}, tolerance {self.reference_drift_tolerance:.3g}). A frozen "
+            "reference scores the same eval pairs the same every time: it is being trained or "
+            "was rebuilt differently (e.g. after a resume), so rewards and loss are measured "
+            "against a moving target",
+        )  # fmt: skip
 
     def _non_finite(self, values: dict[str, float], split: str) -> Finding | None:
         bad = sorted(k for k, v in values.items() if not math.isfinite(v))
@@ -299,14 +379,22 @@ class HealthMonitor:
     def _length_finding(
         self, diffs: list[float], margins: list[float], source: str
     ) -> Finding | None:
-        r = correlation(diffs, margins)
+        return self._length_message(correlation(diffs, margins), f"{len(diffs)} {source}")
+
+    def _length_r_finding(self, r: float, pairs: float) -> Finding | None:
+        """Length bias from per-pair data: Pearson r of length gap and margin over `pairs`."""
+        if pairs < self.length_min_points:
+            return None
+        return self._length_message(r, f"{int(pairs)} pairs")
+
+    def _length_message(self, r: float, over: str) -> Finding | None:
         if abs(r) <= self.length_corr:
             return None
         side = "longer" if r > 0 else "shorter"
         return self._finding(
             "length_bias", "warning",
             f"the reward margin follows the length gap (r={r:.2f}, r²={r * r:.2f} over "
-            f"{len(diffs)} {source}): the policy may be learning to prefer the {side} "
+            f"{over}): the policy may be learning to prefer the {side} "
             "response rather than the better one. Try a length-normalised loss "
             "(loss.name=simpo) or balance chosen/rejected lengths in the data",
         )  # fmt: skip

@@ -25,7 +25,9 @@ _KEY_METRICS = (
     "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
     "logps/chosen", "logps/rejected",
 )  # fmt: skip
-_HEALTH_KINDS = "displacement, length bias, overfitting and non-finite values over the metrics"
+_HEALTH_KINDS = (
+    "displacement, length bias, overfitting, non-finite values and reference drift over the metrics"
+)
 HEALTH_FILE = "health.json"
 """Findings saved by the training loop (`[dataclasses.asdict(f) for f in monitor.summary()]`);
 the report adds those the metrics alone cannot show (e.g. reference_drift)."""
@@ -238,17 +240,17 @@ def _header(output_dir: Path, records: Sequence[dict[str, Any]], config: dict[st
 
 
 def _health(findings: Sequence[Finding]) -> str:
-    if not findings:
-        return (
-            '<h2>Health</h2>\n<div class="finding ok"><b>No problems found.</b> '
-            f"Checked: {_HEALTH_KINDS}.</div>"
-        )
-    rows = "\n".join(
-        f'<div class="finding {_e(f.severity)}"><b>{_e(f.severity)}</b> · '
+    """Problems first; with none, a line saying what was checked, then any notes (info), e.g.
+    that too few evaluations left the overfitting check out."""
+    ok = ""
+    if all(f.severity == "info" for f in findings):
+        ok = f'\n<div class="finding ok"><b>No problems found.</b> Checked: {_HEALTH_KINDS}.</div>'
+    rows = "".join(
+        f'\n<div class="finding {_e(f.severity)}"><b>{_e(f.severity)}</b> · '
         f"<code>{_e(f.kind)}</code> · step {f.step}<br>{_e(f.message)}</div>"
         for f in findings
     )
-    return f"<h2>Health</h2>\n{rows}"
+    return f"<h2>Health</h2>{ok}{rows}"
 
 
 def _metrics(records: Sequence[dict[str, Any]], final: dict[str, Any]) -> str:
