@@ -87,7 +87,8 @@ def test_length_statistics_and_bias_in_words(crafted: Path) -> None:
         8: (5, 5, 6),
     }
     bias = report.length_bias()
-    assert bias["share_chosen_longer"] == round(2 / 6, 4)
+    assert bias["ties"] == 1  # row 7; the share is over the other 5
+    assert bias["share_chosen_longer"] == round(2 / 5, 4)
     assert bias["share_same_length"] == round(1 / 6, 4)
     assert bias["mean_gap"] == round((29 - 18) / 6, 2)
     assert report.length_stats()["chosen"] == {
@@ -180,3 +181,69 @@ def test_audit_refuses_unpaired_data(tmp_path: Path) -> None:
     path = write(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
     with pytest.raises(ConfigError, match="paired"):
         audit_data(load_data(path))
+
+
+def test_length_bias_is_over_pairs_of_unequal_length(tmp_path: Path) -> None:
+    def rows(chosen_longer: int, ties: int) -> list[dict[str, str]]:
+        return [
+            {"prompt": f"p{i}", "chosen": "a b c", "rejected": "x"} for i in range(chosen_longer)
+        ] + [{"prompt": f"q{i}", "chosen": "a b", "rejected": "x y"} for i in range(ties)]
+
+    # 3 of 8 pairs have the longer response chosen: 38% of all pairs looks unbiased, but every
+    # pair that differs in length prefers the longer one.
+    report = audit_data(load_data(write(tmp_path / "b.jsonl", rows(3, 5))))
+    bias = report.length_bias()
+    assert (bias["pairs"], bias["ties"], bias["share_chosen_longer"]) == (8, 5, 1.0)
+    assert bias["share_chosen_shorter"] == 0.0 and bias["share_same_length"] == 0.625
+    assert report.verdict() == (
+        "usable, with warnings: length bias (chosen longer in 100% of 3 pairs of unequal length)"
+    )
+    assert "chosen longer in 100.0% of the 3 pairs of unequal length (5 ties)" in report.summary()
+    # Every pair ties: no share, and no warning.
+    report = audit_data(load_data(write(tmp_path / "t.jsonl", rows(0, 4))))
+    assert report.length_bias()["share_chosen_longer"] is None
+    assert report.verdict() == "looks clean"
+    assert "every pair's responses have the same length (4 ties)" in report.summary()
+
+
+def test_distinct_prompts_counts_every_usable_row(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "x", "rejected": "x"},  # identical responses, same prompt
+        {"prompt": "q", "chosen": "one", "rejected": "two"},
+        {"prompt": "q", "chosen": "one", "rejected": "two"},  # exact duplicate
+        {"prompt": "r", "chosen": "y", "rejected": "y"},  # identical, a prompt of its own
+    ]
+    report = audit_data(load_data(write(tmp_path / "d.jsonl", rows)))
+    assert (report.usable, report.distinct_prompts) == (5, 3)
+    assert report.to_json()["distinct_prompts"] == 3
+    assert audit_data(load_data(write(tmp_path / "two.jsonl", rows[:3]))).distinct_prompts == 2
+
+
+def test_max_prompt_length_predicts_trainings_cut(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "one two three four five six", "chosen": "yes .", "rejected": "no ."},
+        {"prompt": " ".join(["word"] * 10), "chosen": "yes .", "rejected": "no ."},
+        {"prompt": "hi", "chosen": "yes .", "rejected": "no ."},
+    ]
+    data = load_data(write(tmp_path / "p.jsonl", rows))
+    plain = audit_data(data, max_length=8)  # 6 + 2 fits; 10 leaves no room
+    assert (plain.findings["truncated"], plain.findings["length_dropped"]) == ([], [1])
+    # The prompt is cut to 4 first (both long prompts are truncated, none dropped).
+    cut = audit_data(data, max_length=8, max_prompt_length=4)
+    assert (cut.findings["truncated"], cut.findings["length_dropped"]) == ([0, 1], [])
+    assert "max_length 8, max_prompt_length 4: truncates 2 rows, drops 0" in cut.summary()
+    assert cut.to_json()["max_prompt_length"] == 4
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        audit_data(data, max_length=8, max_prompt_length=8)
+
+
+def test_max_prompt_length_with_a_tokenizer(tmp_path: Path) -> None:
+    # <s> say hello to the cat | yes . </s> | no . </s>: prompt 6 tokens, responses 3.
+    rows = [{"prompt": "say hello to the cat", "chosen": " yes .", "rejected": " no ."}]
+    tok = make_tokenizer(chat_template=False)
+    data = load_data(write(tmp_path / "t.jsonl", rows))
+    report = audit_data(data, tokenizer=tok, max_length=9)
+    assert report.lengths == {0: (6, 3, 3)} and not report.findings["truncated"]
+    report = audit_data(data, tokenizer=tok, max_length=9, max_prompt_length=3)
+    assert report.findings["truncated"] == [0] and not report.findings["length_dropped"]

@@ -40,8 +40,9 @@ FINDINGS: dict[str, str] = {
     "prompt_duplicate": "same prompt as an earlier row (another pair for it; often fine)",
     "tokenization": "the tokenizer cannot train on it (empty after tokenizing, template, ...)",
     "boundary_fixed": "a token merges across the prompt/response boundary (encoded apart)",
-    "length_dropped": "the prompt leaves no room for a response within max_length",
-    "truncated": "prompt + longest response exceed max_length (training cuts the response)",
+    "length_dropped": "no room for a response within max_length, or responses identical once cut",
+    "truncated": "prompt + longest response exceed max_length, or the prompt exceeds "
+    "max_prompt_length (training cuts them)",
     "length_gap": "one response is more than --max-length-ratio times longer than the other",
 }
 """Finding name -> what it flags. Each row is checked against every rule."""
@@ -78,6 +79,9 @@ class AuditReport:
         reasons: For "unreadable", "unusable" and "tokenization": reason -> rows.
         empty_fields: Row -> its empty field.
         max_length: The limit the truncation findings assume.
+        max_prompt_length: The prompt limit they assume (None: the prompt is not cut alone).
+        distinct_prompts: Different prompts among the usable rows (identical-response rows
+            included).
         lengths: Row -> (prompt, chosen, rejected) length in `unit`.
         tokenizer: The tokenizer's special tokens and template use, if one was given.
         notes: Caveats worth printing.
@@ -92,17 +96,11 @@ class AuditReport:
     reasons: dict[str, dict[str, list[int]]]
     empty_fields: dict[int, str]
     max_length: int
+    max_prompt_length: int | None = None
+    distinct_prompts: int = 0
     lengths: dict[int, Lengths] = field(default_factory=dict)
     tokenizer: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def distinct_prompts(self) -> int:
-        return (
-            self.usable
-            - len(self.findings["prompt_duplicate"])
-            - len(self.findings["exact_duplicate"])
-        )
 
     def length_stats(self) -> dict[str, dict[str, float]]:
         """min / mean / median / p95 / max of prompt, chosen and rejected lengths."""
@@ -119,19 +117,26 @@ class AuditReport:
                 }
         return out
 
-    def length_bias(self) -> dict[str, float]:
-        """How often the chosen response is the longer one, and by how much on average."""
+    def length_bias(self) -> dict[str, Any]:
+        """How often the chosen response is the longer one, and by how much on average.
+
+        The share is over the pairs whose responses differ in length (ties tell nothing about
+        a preference for length); it is None when every pair ties.
+        """
         pairs = [(c, r) for _, c, r in self.lengths.values()]
         if not pairs:
             return {}
         n = len(pairs)
+        differ = [(c, r) for c, r in pairs if c != r]
+        longer = sum(c > r for c, r in differ)
         mean_c = statistics.fmean(c for c, _ in pairs)
         mean_r = statistics.fmean(r for _, r in pairs)
         return {
             "pairs": n,
-            "share_chosen_longer": round(sum(c > r for c, r in pairs) / n, 4),
-            "share_same_length": round(sum(c == r for c, r in pairs) / n, 4),
-            "share_chosen_shorter": round(sum(c < r for c, r in pairs) / n, 4),
+            "ties": n - len(differ),
+            "share_chosen_longer": round(longer / len(differ), 4) if differ else None,
+            "share_chosen_shorter": round(1 - longer / len(differ), 4) if differ else None,
+            "share_same_length": round((n - len(differ)) / n, 4),
             "mean_chosen": round(mean_c, 2),
             "mean_rejected": round(mean_r, 2),
             "mean_gap": round(mean_c - mean_r, 2),
@@ -144,9 +149,13 @@ class AuditReport:
         if problems:
             return "needs cleaning: " + ", ".join(problems)
         warnings = [f"{len(self.findings[f])} {f}" for f in _WARNINGS if self.findings[f]]
-        share = self.length_bias().get("share_chosen_longer", 0.5)
-        if not 1 - _STRONG_BIAS < share < _STRONG_BIAS:
-            warnings.append(f"length bias (chosen longer in {share:.0%} of pairs)")
+        bias = self.length_bias()
+        share = bias.get("share_chosen_longer")
+        if share is not None and not 1 - _STRONG_BIAS < share < _STRONG_BIAS:
+            differ = bias["pairs"] - bias["ties"]
+            warnings.append(
+                f"length bias (chosen longer in {share:.0%} of {differ} pairs of unequal length)"
+            )
         if warnings:
             return "usable, with warnings: " + ", ".join(warnings)
         return "looks clean"
@@ -174,16 +183,25 @@ class AuditReport:
                 f"{st['p95']:>8}{st['max']:>8}"
             )
         f = self.findings
+        prompt_limit = self.max_prompt_length
         lines.append(
-            f"  max_length {self.max_length}: truncates {len(f['truncated'])} rows, "
-            f"drops {len(f['length_dropped'])}"
+            f"  max_length {self.max_length}"
+            + (f", max_prompt_length {prompt_limit}" if prompt_limit is not None else "")
+            + f": truncates {len(f['truncated'])} rows, drops {len(f['length_dropped'])}"
         )
         bias = self.length_bias()
         if bias:
+            differ = bias["pairs"] - bias["ties"]
+            share = bias["share_chosen_longer"]
             lines.append(
-                f"  length bias: chosen longer in {bias['share_chosen_longer']:.1%} of pairs "
-                f"(same length {bias['share_same_length']:.1%}), mean gap "
-                f"{bias['mean_gap']:+g} {self.unit} ({bias['relative_gap']:+.1%})"
+                "  length bias: "
+                + (
+                    f"chosen longer in {share:.1%} of the {differ} pairs of unequal length"
+                    if share is not None
+                    else "every pair's responses have the same length"
+                )
+                + f" ({bias['ties']} ties), mean gap {bias['mean_gap']:+g} {self.unit} "
+                f"({bias['relative_gap']:+.1%})"
             )
         if self.tokenizer:
             t = self.tokenizer
@@ -216,6 +234,7 @@ class AuditReport:
             "reasons": self.reasons,
             "empty_fields": {str(k): v for k, v in self.empty_fields.items()},
             "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
             "lengths": self.length_stats(),
             "length_bias": self.length_bias(),
             "tokenizer": self.tokenizer,
@@ -243,6 +262,7 @@ def audit_data(
     *,
     tokenizer: Any | None = None,
     max_length: int | None = None,
+    max_prompt_length: int | None = None,
     max_length_ratio: float | None = None,
 ) -> AuditReport:
     """Check every row of loaded paired data (see `FINDINGS`).
@@ -251,6 +271,9 @@ def audit_data(
         data: From `loader.load_data` (with pairs="best-worst": one pair per row).
         tokenizer: Count tokens and check tokenization with it; None counts words.
         max_length: Token limit the truncation findings assume (default `DEFAULT_MAX_LENGTH`).
+        max_prompt_length: Prompt token limit, as training's `data.max_prompt_length`: a longer
+            prompt is cut from the left to it (and the row counts as truncated) before the
+            responses are fitted into the rest of `max_length`.
         max_length_ratio: Flag pairs whose longer response is more than this many times longer
             than the shorter one ("length_gap"); None turns the rule off.
 
@@ -262,6 +285,10 @@ def audit_data(
     limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
     if limit < 2:
         raise ConfigError(f"max_length must be at least 2, got {limit}")
+    if max_prompt_length is not None and not 1 <= max_prompt_length < limit:
+        raise ConfigError(
+            f"max_prompt_length must be in [1, max_length={limit}), got {max_prompt_length}"
+        )
     if max_length_ratio is not None and not max_length_ratio >= 1:
         raise ConfigError(f"max_length_ratio must be >= 1, got {max_length_ratio}")
     pairs: list[PreferencePair] = list(data.examples)  # type: ignore[arg-type]
@@ -275,6 +302,7 @@ def audit_data(
         reasons={},
         empty_fields=dict(data.empty_fields),
         max_length=limit,
+        max_prompt_length=max_prompt_length,
     )
     _load_findings(report, data)
     identical = _duplicates(report, pairs)
@@ -322,6 +350,7 @@ def _duplicates(report: AuditReport, pairs: Sequence[PreferencePair]) -> set[int
     identical = {
         p.index for p in pairs if text_key(p.chosen, strip=True) == text_key(p.rejected, strip=True)
     }
+    report.distinct_prompts = len({text_key(p.prompt) for p in pairs})
     seen_pairs: set[object] = set()
     seen_prompts: set[object] = set()
     for pair in pairs:
@@ -373,13 +402,15 @@ def _length_findings(
     token_ids: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
     max_length_ratio: float | None,
 ) -> None:
-    """Rows max_length would drop or cut (as `prefopt.tokenize` truncates), and length gaps."""
-    limit = report.max_length
+    """Rows the limits would drop or cut (as `prefopt.tokenize._truncate` does: the prompt
+    from the left to max_prompt_length, then the responses to the room left), and length gaps."""
+    limit, prompt_limit = report.max_length, report.max_prompt_length
     for row, (prompt, chosen, rejected) in report.lengths.items():
-        room = limit - prompt
+        prompt_cut = prompt_limit is not None and prompt > prompt_limit
+        room = limit - (min(prompt, prompt_limit) if prompt_limit is not None else prompt)
         if room <= 0:
             report.findings["length_dropped"].append(row)
-        elif max(chosen, rejected) > room:
+        elif max(chosen, rejected) > room or prompt_cut:
             ids = token_ids.get(row)
             if ids is not None and ids[1][:room] == ids[2][:room]:
                 report.findings["length_dropped"].append(row)  # identical once cut

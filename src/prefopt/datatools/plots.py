@@ -58,8 +58,9 @@ def plot_lengths(report: AuditReport, path: str | Path) -> Path:
     gaps = [c - r for _, c, r in lengths]
     right.hist(gaps, bins=40, color="#1565c0")
     right.axvline(0, color="black", linewidth=1)
-    share = report.length_bias().get("share_chosen_longer", 0.0)
-    right.set_title(f"chosen - rejected ({report.unit}); chosen longer in {share:.0%}")
+    share = report.length_bias().get("share_chosen_longer")
+    longer = "all tie" if share is None else f"chosen longer in {share:.0%} of unequal"
+    right.set_title(f"chosen - rejected ({report.unit}); {longer}")
     right.set_xlabel(f"length gap ({report.unit})")
     right.set_ylabel("pairs")
     out = Path(path)
