@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def _add_read_args(p: argparse.ArgumentParser, *, formats: bool = True) -> None:
         "--max-line-bytes",
         type=int,
         default=DEFAULT_MAX_LINE_BYTES,
-        help=f"longest JSONL line read (default {DEFAULT_MAX_LINE_BYTES})",
+        help=f"longest JSON Lines or CSV line read (default {DEFAULT_MAX_LINE_BYTES})",
     )
 
 
@@ -86,6 +87,11 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
         help=f"token limit to check truncation against (default {DEFAULT_MAX_LENGTH})",
     )
     p.add_argument(
+        "--max-prompt-length",
+        type=int,
+        help="prompt token limit, as training's data.max_prompt_length (default: none)",
+    )
+    p.add_argument(
         "--max-length-ratio",
         type=float,
         help="flag pairs whose longer response is more than R times the shorter",
@@ -102,6 +108,7 @@ def _audit(args: argparse.Namespace) -> tuple[LoadedData, Any]:
         data,
         tokenizer=tokenizer,
         max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
         max_length_ratio=args.max_length_ratio,
     )
     return data, report
@@ -123,11 +130,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _, report = _audit(args)
     payload = report.to_json()
     if not args.no_plot:
-        source = Path(args.file)
-        plot = args.plot or source.with_name(source.stem + ".audit.png")
+        # Not next to FILE by default: data often sits in a checkout or a read-only folder.
+        plot = args.plot or Path("outputs") / (Path(args.file).stem + ".audit.png")
         payload["plot"] = str(plot_lengths(report, plot))
     if args.json:
         print(json.dumps(payload, indent=2, ensure_ascii=False))
+        if "plot" in payload:
+            print(f"histogram: {payload['plot']}", file=sys.stderr)
     else:
         print(report.summary())
         if "plot" in payload:
@@ -139,7 +148,9 @@ def _add_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="what is in a preference file and what is wrong with it")
     _add_audit_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--plot", help="histogram PNG path (default: FILE's name + .audit.png)")
+    p.add_argument(
+        "--plot", help="histogram PNG path (default: outputs/FILE-STEM.audit.png, in the cwd)"
+    )
     p.add_argument("--no-plot", action="store_true", help="write no histogram")
     p.set_defaults(func=cmd_audit)
 

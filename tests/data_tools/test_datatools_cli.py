@@ -26,13 +26,18 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_audit_text_json_and_plot(tmp_path: Path, capsys) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", [*pairs(3, 1), pairs(3, 1)[0]])
+def test_audit_text_json_and_plot(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "d.jsonl", [*pairs(3, 1), pairs(3, 1)[0]])
+    monkeypatch.chdir(tmp_path)
     assert main(["data", "audit", str(data)]) == 0
     text = capsys.readouterr().out
     assert "format standard: 4 rows, 4 usable" in text
     assert "verdict: needs cleaning: 1 exact_duplicate" in text
-    assert (tmp_path / "d.audit.png").stat().st_size > 1000
+    # The histogram goes to ./outputs, not next to the data (often a checkout's data/ folder).
+    assert "histogram: outputs/d.audit.png" in text
+    assert (tmp_path / "outputs" / "d.audit.png").stat().st_size > 1000
+    assert not list((tmp_path / "data").glob("*.png"))
     assert main(["data", "audit", str(data), "--json", "--no-plot"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["findings"]["exact_duplicate"]["rows"] == [3] and "plot" not in payload
@@ -78,6 +83,64 @@ def test_clean_writes_file_and_report(tmp_path: Path, capsys) -> None:
     }
     assert main(["data", "clean", str(data), "--output", str(out), "--no-drop-identical"]) == 0
     assert len(read(out)) == 5
+
+
+def test_audit_max_prompt_length(tmp_path: Path, capsys) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", pairs(2, 1))  # "say k": 2 words; 3 and 2 words
+    args = ["data", "audit", str(data), "--max-length", "5", "--json", "--no-plot"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["findings"]["truncated"]["rows"] == []
+    assert main([*args, "--max-prompt-length", "1"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["max_prompt_length"] == 1
+    assert payload["findings"]["truncated"]["rows"] == [0, 1]
+
+
+BAD_BYTES_CSV = (
+    b"prompt,chosen,rejected\nsay 0,yes 0 .,no .\nsay 1,caf\xe9,no .\nsay 2,yes .,no .\n"
+)
+
+
+def test_audit_and_clean_skip_unreadable_rows(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "latin1.csv"
+    data.write_bytes(BAD_BYTES_CSV)
+    assert main(["data", "audit", str(data), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert f"file {data}, row 1, field 'chosen': text is not valid UTF-8" in err
+    assert "--on-error skip" in err
+    args = ["data", "audit", str(data), "--no-plot", "--json", "--on-error", "skip"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["findings"]["unreadable"]["rows"] == [1]
+    assert payload["reasons"]["unreadable"] == {"row not valid UTF-8": [1]}
+    out = tmp_path / "clean.jsonl"
+    args = ["data", "clean", str(data), "--output", str(out), "--on-error", "skip"]
+    assert main(args) == 0
+    assert "3 rows -> 2 written" in capsys.readouterr().out
+    assert read(out) == [
+        {"prompt": "say 0", "chosen": "yes 0 .", "rejected": "no ."},
+        {"prompt": "say 2", "chosen": "yes .", "rejected": "no ."},
+    ]
+    report = json.loads((tmp_path / "clean.clean.json").read_text())
+    assert report["removed"] == {"1": ["unreadable"]}
+
+
+def test_clean_max_length_ratio(tmp_path: Path, capsys) -> None:
+    rows = [
+        {"prompt": "p", "chosen": "one two three four", "rejected": "no"},  # 4x
+        {"prompt": "q", "chosen": "one two", "rejected": "no"},  # 2x
+        {"prompt": "r", "chosen": "no", "rejected": "one two three"},  # 3x, either way round
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "clean.jsonl"
+    args = ["data", "clean", str(data), "--output", str(out), "--max-length-ratio", "2.5"]
+    assert main(args) == 0
+    assert "3 rows -> 1 written" in capsys.readouterr().out
+    assert read(out) == [rows[1]]
+    report = json.loads((tmp_path / "clean.clean.json").read_text())
+    assert report["removed_by_rule"]["length_gap"] == [0, 2]
+    assert main([*args, "--no-drop-length-gap"]) == 0  # flagged, but kept
+    assert read(out) == rows
 
 
 def test_convert(tmp_path: Path, capsys) -> None:
