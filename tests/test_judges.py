@@ -156,6 +156,38 @@ def test_reward_model_judge_scores_scalar_head(reward_model_dir: Path) -> None:
     assert len(set(batched)) == 3
 
 
+def test_make_judges_runs_a_reward_model_where_asked(reward_model_dir: Path) -> None:
+    """`--device` reaches the reward model ("auto": CUDA if available, else CPU)."""
+    from prefopt.commands_judge import make_judges
+
+    (judge,) = make_judges([f"reward-model:{reward_model_dir}"], device="meta")
+    assert isinstance(judge, RewardModelJudge) and judge.device == torch.device("meta")
+    assert next(judge.model.parameters()).device == torch.device("meta")
+    (auto,) = make_judges([f"reward-model:{reward_model_dir}"], device="auto")
+    assert isinstance(auto, RewardModelJudge)
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("command", ["judge", "eval"])
+def test_judge_commands_pass_device_to_the_judges(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import prefopt.commands_judge
+    from prefopt.cli import main
+
+    seen: list[str | None] = []
+
+    def record(spec: str, *, device: str | None = None, batch_size: int = 16) -> Judge:
+        seen.append(device)
+        raise ConfigError("stop here")  # before any model loads
+
+    monkeypatch.setattr(prefopt.commands_judge, "make_judge", record)
+    argv = [command, "--model", "m", "--prompts", "p.jsonl", "--judge", "reward-model:rm"]
+    assert main([*argv, "--output", "o.json", "--device", "cpu"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen == ["cpu"]
+
+
 def test_positive_label_choice() -> None:
     def cfg(n: int, labels: dict[int, str]) -> SimpleNamespace:
         return SimpleNamespace(num_labels=n, id2label=labels)

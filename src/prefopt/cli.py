@@ -108,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         args.batch_size = args.batch_size or 8
         args.dtype = args.dtype or "float32"
-        report["judge"], lines = judge_vs_reference(args, make_judges(args.judge))
+        judges = make_judges(args.judge, device=args.device)
+        report["judge"], lines = judge_vs_reference(args, judges)
         print("\n".join(lines))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

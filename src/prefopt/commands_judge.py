@@ -182,7 +182,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     """Win rate of --model vs its reference, or a ranking of --models."""
     if bool(args.model) == bool(args.models):
         raise ConfigError("give either --model (vs its reference) or --models A B C (a ranking)")
-    judges = make_judges(args.judge)
+    judges = make_judges(args.judge, device=args.device)
     if args.models:
         return _judge_many(args, judges)
     report, lines = judge_vs_reference(args, judges)
@@ -191,13 +191,19 @@ def cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_judges(specs: Sequence[str] | None) -> list[Judge]:
+def make_judges(specs: Sequence[str] | None, *, device: str | None = None) -> list[Judge]:
     """The judges named by repeated `--judge` specs (default: vader).
+
+    Args:
+        specs: Judge specs.
+        device: Where a reward-model judge runs: `--device` ("auto" or None: CUDA if
+            available, else CPU).
 
     Raises:
         ConfigError: The same judge named twice, or an unknown spec.
     """
-    judges = [make_judge(spec) for spec in (specs or ["vader"])]
+    where = None if device in (None, "auto") else device
+    judges = [make_judge(spec, device=where) for spec in (specs or ["vader"])]
     if len({j.name for j in judges}) < len(judges):
         raise ConfigError("the same judge is given twice")
     return judges
