@@ -1,4 +1,5 @@
-"""Metrics tracking: JSONL lines (NaN kept visible), reading back, optional TensorBoard."""
+"""Metrics tracking: JSONL lines (NaN kept visible), reading back, TensorBoard and W&B (a
+stand-in module, offline), each falling back to JSONL alone when not installed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,10 +60,12 @@ def test_read_metrics_of_an_empty_run(tmp_path: Path) -> None:
     assert read_metrics(tmp_path) == []
 
 
-@pytest.mark.skipif(HAS_TENSORBOARD, reason="checks the fallback without tensorboard")
 def test_tensorboard_missing_warns_and_keeps_jsonl(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     with caplog.at_level(logging.WARNING, logger="prefopt.tracking"):
         tracker = Tracker(tmp_path, ["jsonl", "tensorboard"], config={})
     assert "pip install tensorboard" in caplog.text
@@ -108,3 +112,54 @@ def test_progress_bar_counts_steps(capsys: pytest.CaptureFixture[str]) -> None:
     progress.close()
     err = capsys.readouterr().err
     assert "2/4" in err and "loss=0.2500" in err and "acc=1.00" in err
+
+
+def test_wandb_gets_the_config_every_record_and_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in `wandb` module (offline, no account) records what the tracker sends."""
+    import sys
+    import types
+
+    calls: list[tuple[str, Any]] = []
+
+    class FakeRun:
+        def log(self, data: dict[str, float], step: int) -> None:
+            calls.append(("log", (data, step)))
+
+        def finish(self) -> None:
+            calls.append(("finish", None))
+
+    def init(**kwargs: Any) -> FakeRun:
+        calls.append(("init", kwargs))
+        return FakeRun()
+
+    fake = types.ModuleType("wandb")
+    fake.init = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = {"loss": {"name": "sigmoid", "beta": 0.1}}
+    tracker = Tracker(tmp_path, ["jsonl", "wandb"], config=config)
+    tracker.log({"step": 1, "split": "train", "loss": 0.69, "note": "text is skipped"})
+    tracker.log({"step": 2, "split": "eval", "rewards/accuracies": 0.75})
+    tracker.close()
+    assert calls == [
+        ("init", {"project": "prefopt", "dir": str(tmp_path), "config": config}),
+        ("log", ({"train/loss": 0.69}, 1)),
+        ("log", ({"eval/rewards/accuracies": 0.75}, 2)),
+        ("finish", None),
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # the JSONL file as always
+
+
+def test_wandb_missing_warns_and_keeps_jsonl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with caplog.at_level(logging.WARNING, logger="prefopt.tracking"):
+        tracker = Tracker(tmp_path, ["jsonl", "wandb"], config={})
+    assert "pip install wandb" in caplog.text
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
