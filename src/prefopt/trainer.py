@@ -2,7 +2,7 @@
 
 Read `train()` top to bottom: set up → step-0 reference check and eval → for each optimizer
 step: micro-batches (forward, loss, backward) → finite check → clip → AdamW → schedule → log →
-eval / checkpoint / early stop → final save, report.
+eval / checkpoint / early stop → final save, reload check (plain transformers/peft), report.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from prefopt.output import prepare_output_dir, save_final
 from prefopt.pipeline import example_length
 from prefopt.run_hooks import (
     check_reference_at_start,
+    check_saved_model_loads,
     judge_saved_model,
     watch_health,
     write_health_and_report,
@@ -167,8 +168,13 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
 def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
     """Update patience with the eval metric; True when training should stop."""
     name = run.cfg.eval.early_stopping_metric
-    if name is None or name not in metrics:
+    if name is None:
         return False
+    if name not in metrics:  # validate_config checks the name; this would be a new metric name
+        raise PrefoptError(
+            f"eval.early_stopping_metric={name} is not among this evaluation's metrics "
+            f"({', '.join(sorted(metrics))})"
+        )
     value = metrics[name]
     better = state.best_metric is None or (
         value > state.best_metric if run.cfg.eval.early_stopping_mode == "max"
@@ -183,6 +189,7 @@ def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -
 
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run DPO-family training as configured; returns where the output went and the metrics."""
+    cfg.validate()  # load_config validated it, but a config built in Python may not be
     check_judge_setup(cfg)  # a bad prompts file or judge fails now, not after training
     acc = make_accelerator(cfg)
     out_dir = Path(cfg.output.dir)
@@ -210,6 +217,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
     result = _Loop(run, prepared, state, tracker, out_dir).run_all()
     if acc.is_main_process:
+        check_saved_model_loads(cfg, out_dir / "model")
         result.judge = judge_saved_model(cfg, out_dir)
         write_health_and_report(out_dir, monitor, report=cfg.output.report)
     result.initial_eval = initial_eval
@@ -234,6 +242,8 @@ class _Loop:
         self.out_dir, self.config_yaml = out_dir, _config_yaml(cfg)
         self.flag = StopFlag()
         self.last: dict[str, float] = {}
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        """(step, metrics) of the latest evaluation during training."""
         self.main = run.accelerator.is_main_process
         self.progress = Progress(run.total_steps, state.step, cfg.output.progress and self.main)
         self.stop_at = (
@@ -292,6 +302,7 @@ class _Loop:
         if ev is None:
             return False
         self.tracker.log({"step": step, "split": "eval", **ev})
+        self.last_eval = (step, ev)
         self.progress.write(_fmt_eval(step, ev))
         if _early_stop(self.run, self.state, ev):
             self.progress.write(f"early stopping at step {step}")
@@ -354,9 +365,12 @@ class _Loop:
 
     def finish(self, stopped_early: bool) -> TrainResult:
         """Final eval, checkpoint and model."""
-        final_eval = _eval(self.run, self.prepared)
-        if final_eval is not None:
-            self.tracker.log({"step": self.state.step, "split": "eval", **final_eval})
+        if self.last_eval is not None and self.last_eval[0] == self.state.step:
+            final_eval: dict[str, float] | None = self.last_eval[1]  # early stop just evaluated
+        else:
+            final_eval = _eval(self.run, self.prepared)
+            if final_eval is not None:
+                self.tracker.log({"step": self.state.step, "split": "eval", **final_eval})
         self.save()
         with whole_weights(self.run.accelerator, self.prepared):  # every process gathers
             if self.main:
