@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefopt.datatools.audit import DEFAULT_MAX_LENGTH, FINDINGS
 from prefopt.datatools.build import BUILD_PAIRINGS, SAMPLINGS
@@ -30,6 +31,8 @@ from prefopt.errors import DataError
 from prefopt.judges import BUILTIN_JUDGES
 
 __all__ = ["add_data_parser"]
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +64,22 @@ def _add_read_args(p: argparse.ArgumentParser, *, formats: bool = True) -> None:
 def _load(args: argparse.Namespace, *, pairs: Any = "best-worst", fmt: str | None = None) -> Any:
     from prefopt.datatools.loader import load_data
 
-    try:
-        return load_data(
+    return _with_skip_hint(
+        args,
+        lambda: load_data(
             args.file,
             format=fmt or args.format,
             pairs=pairs,
             on_error=args.on_error,
             max_line_bytes=args.max_line_bytes,
-        )
+        ),
+    )
+
+
+def _with_skip_hint(args: argparse.Namespace, read: Callable[[], T]) -> T:
+    """`read()`, its row errors told that --on-error skip would leave the row out."""
+    try:
+        return read()
     except DataError as error:
         if args.on_error == "skip" or error.row is None:
             raise
@@ -245,7 +256,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from prefopt.commands_eval import load_models
     from prefopt.datatools.build import BuildSettings, build_pairs
-    from prefopt.generation import load_prompts
+    from prefopt.datatools.prompts import load_prompt_rows
     from prefopt.judges import make_judge
 
     settings = BuildSettings(
@@ -263,8 +274,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = load_prompts(args.prompts)
-    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
+    prompts = _with_skip_hint(
+        args,
+        lambda: load_prompt_rows(
+            args.prompts, on_error=args.on_error, max_line_bytes=args.max_line_bytes
+        ),
+    )
+    prompts = prompts.head(args.max_prompts) if args.max_prompts else prompts
     judge = make_judge(args.judge, device=None if args.device == "auto" else args.device)
     models = load_models(
         args.model, None, dtype=args.dtype, device=args.device, need_reference=False
@@ -279,6 +295,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model_name=args.model,
         prompts_file=args.prompts,
         progress=not args.quiet,
+        on_error=args.on_error,
     )
     print(report.summary())
     print(f"pairs: {args.output}")
@@ -322,6 +339,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_read_args(p, formats=False)
     p.set_defaults(func=cmd_build)
 
 

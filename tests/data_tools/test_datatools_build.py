@@ -12,10 +12,11 @@ import pytest
 
 import prefopt.datatools.sampling as sampling
 from prefopt.datatools.build import BuildSettings, build_pairs, build_paths, select_pair
+from prefopt.datatools.prompts import load_prompt_rows
 from prefopt.datatools.sampling import trim_to_sentence
 from prefopt.errors import ConfigError, DataError
 from prefopt.generation import SamplingParams, encode_prompt, generate_completions
-from prefopt.judges import make_judge
+from prefopt.judges import FunctionJudge, make_judge
 from toy import make_tokenizer
 from toy_models import make_model
 
@@ -85,6 +86,116 @@ def test_build_gives_the_expected_pairs(model: Any, tok: Any, tmp_path: Path) ->
     assert report.pairs + report.dropped_small_gap + report.dropped_too_few_replies == 5
     meta = json.loads(meta_file.read_text())
     assert meta["complete"] and meta["settings"]["judge"] == "length"
+
+
+LITERAL_PROMPTS = ["hello", "is the sun hot ?", "say hi"]
+LITERAL_SETTINGS = BuildSettings(judge="length", k=3, max_new_tokens=4, seed=1, batch_size=2)
+LITERAL_PAIRS = [
+    # replies "cat might also", "word tomorrow", "go can 5": the first of the two 3-word
+    # replies wins the tie; the worst is the 2-word one.
+    {
+        "prompt": "hello",
+        "chosen": "cat might also",
+        "rejected": "word tomorrow",
+        "chosen_score": 3.0,
+        "rejected_score": 2.0,
+        "prompt_index": 0,
+    },
+    # prompt 1's replies all have 3 words: no preference, no pair ("small_gap").
+    {
+        "prompt": "say hi",
+        "chosen": "dog if paris two",
+        "rejected": "its",
+        "chosen_score": 4.0,
+        "rejected_score": 1.0,
+        "prompt_index": 2,
+    },
+]
+
+
+def test_build_gives_literal_pairs(model: Any, tok: Any, tmp_path: Path) -> None:
+    """The toy model (seed 0) sampled with seed 1 + prompt index, written out by hand."""
+    out = tmp_path / "pairs.jsonl"
+    report = build_pairs(model, tok, LITERAL_PROMPTS, make_judge("length"), LITERAL_SETTINGS, out)
+    assert read(out) == LITERAL_PAIRS
+    records = {r["prompt_index"]: r for r in read(build_paths(out)[1])}
+    assert records[0]["replies"] == ["cat might also", "word tomorrow", "go can 5"]
+    assert records[1]["outcome"] == "small_gap" and records[1]["scores"] == [3.0, 3.0, 3.0]
+    assert (report.pairs, report.dropped_small_gap, report.cut_off_replies) == (2, 1, 9)
+
+
+def nan_on_sun(prompt: str, response: str) -> float:
+    return float("nan") if "sun" in prompt else float(len(response.split()))
+
+
+class SilentNaNJudge:
+    """A judge object that returns NaN instead of raising (the built-ins raise)."""
+
+    name = "silent"
+
+    def __call__(self, prompt: Any, response: str) -> float:
+        return nan_on_sun(str(prompt), response)
+
+    def score_batch(self, prompts: Any, responses: Any) -> list[float]:
+        return [self(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+@pytest.mark.parametrize("judge", [FunctionJudge("nan-on-sun", nan_on_sun), SilentNaNJudge()])
+def test_a_nan_score_names_the_prompt_or_drops_it(
+    model: Any, tok: Any, tmp_path: Path, judge: Any
+) -> None:
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(
+        '{"prompt": "hello"}\n{"question": "x"}\n{"prompt": "is the sun hot ?"}\n'
+        '{"prompt": "say hi"}\n'
+    )
+    prompts = load_prompt_rows(prompts_file, on_error="skip")
+    assert prompts.rows == [0, 2, 3] and prompts.prompts == LITERAL_PROMPTS
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(DataError) as info:
+        build_pairs(model, tok, prompts, judge, LITERAL_SETTINGS, out)
+    assert (info.value.file, info.value.row) == (str(prompts_file), 2)  # the source row
+    assert "prompt_index 1:" in str(info.value) and "nan" in str(info.value)
+    skipped = tmp_path / "skipped.jsonl"
+    report = build_pairs(model, tok, prompts, judge, LITERAL_SETTINGS, skipped, on_error="skip")
+    assert read(skipped) == LITERAL_PAIRS  # the other prompts are untouched
+    assert report.dropped_bad_score == 1 and report.dropped_small_gap == 0
+    assert report.skipped_prompts == {"prompt: missing column": [1]}
+    assert "1 (judge score not a finite number)" in report.summary()
+    assert "1 prompt rows skipped" in report.summary()
+    record = next(r for r in read(build_paths(skipped)[1]) if r["prompt_index"] == 1)
+    assert record["outcome"] == "bad_score" and record["scores"] == [None] * 3
+
+
+def test_prompt_rows_are_checked_and_skippable(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(
+        b'{"prompt": "hello"}\n{"prompt": " "}\n{"prompt": "caf\xe9"}\n'
+        b'{"prompt": [{"role": "user", "content": "hi"}]}\n{"prompt": 3}\n{"prompt": "bye"}\n'
+    )
+    with pytest.raises(DataError) as info:
+        load_prompt_rows(path)  # the file is read before prompts are checked: row 2 first
+    assert (info.value.row, info.value.field) == (2, "prompt") and "UTF-8" in str(info.value)
+    with pytest.raises(DataError) as info:
+        load_prompt_rows(write_prompt(tmp_path / "blank.jsonl", '{"prompt": "a"}\n{"prompt": ""}'))
+    assert (info.value.row, info.value.field) == (1, "prompt") and "empty text" in str(info.value)
+    prompts = load_prompt_rows(path, on_error="skip")
+    assert prompts.prompts == ["hello", ({"role": "user", "content": "hi"},), "bye"]
+    assert prompts.rows == [0, 3, 5]
+    assert prompts.skipped == {
+        "prompt: empty text": [1],
+        "line not valid UTF-8": [2],
+        "prompt: expected text, got a number": [4],
+    }
+    first_two = prompts.head(2)
+    assert first_two.rows == [0, 3] and first_two.skipped_count == 2  # rows 1 and 2
+    with pytest.raises(DataError, match="no usable prompts"):
+        load_prompt_rows(write_prompt(tmp_path / "none.jsonl", '{"q": "x"}'), on_error="skip")
+
+
+def write_prompt(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    return path
 
 
 def test_resume_skips_done_prompts(model: Any, tok: Any, tmp_path: Path, monkeypatch) -> None:

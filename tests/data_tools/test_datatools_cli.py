@@ -218,6 +218,62 @@ def test_build_and_resume(tmp_path: Path, capsys) -> None:
     assert "other settings (k: 3 -> 2)" in capsys.readouterr().err
 
 
+def test_build_with_a_module_judge_and_skipped_prompts(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "words_judge_for_test.py").write_text(
+        "def score(prompt, response):\n"
+        "    return float('nan') if 'sun' in prompt else float(len(response.split()))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = save_toy_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(
+        b'{"prompt": "hello"}\n{"prompt": "caf\xe9"}\n{"prompt": "is the sun hot ?"}\n'
+        b'{"prompt": ""}\n{"prompt": "say hi"}\n'
+    )
+    out = tmp_path / "pairs.jsonl"
+    args = [
+        "data",
+        "build",
+        "--model",
+        str(model),
+        "--prompts",
+        str(prompts),
+        "--judge",
+        "words_judge_for_test:score",
+        "--output",
+        str(out),
+        "--k",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"file {prompts}, row 1, field 'prompt': line 2 is not valid UTF-8" in err
+    assert "--on-error skip" in err and not out.exists()
+    assert main([*args, "--on-error", "skip"]) == 0
+    text = capsys.readouterr().out
+    assert "3 prompts (0 done before, 3 sampled now)" in text
+    assert "1 (judge score not a finite number)" in text and "2 prompt rows skipped" in text
+    rows = read(out)
+    assert [r["prompt"] for r in rows] == ["hello", "say hi"]  # scored by the module's judge
+    assert all(r["chosen_score"] == len(r["chosen"].split()) for r in rows)
+    meta = json.loads((tmp_path / "pairs.build.json").read_text())
+    assert meta["counts"]["skipped_prompts"] == {
+        "line not valid UTF-8": [1],
+        "prompt: empty text": [3],
+    }
+    # Without skip, the judge's NaN names the prompt's row in the prompts file.
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "is the sun hot ?"}\n')
+    args[args.index(str(out))] = str(tmp_path / "strict.jsonl")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"file {prompts}, row 1: prompt_index 1: judge 'words_judge_for_test:score'" in err
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

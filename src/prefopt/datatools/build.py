@@ -13,6 +13,11 @@ Files, next to OUT (e.g. `pairs.jsonl`):
   outcome. Together with OUT it says which prompts are done.
 * `pairs.build.json`: the settings (checked on resume) and, at the end, the counts.
 
+Prompts come as a plain list or as `prompts.PromptRows` (from `load_prompt_rows`, which can skip
+bad rows). A judge score that is not a finite number (NaN, inf, not a number) stops the build
+with an error naming the prompt's source row, or with `on_error="skip"` drops that prompt
+(outcome "bad_score", counted); the batch is then re-scored prompt by prompt to find it.
+
 Resuming: each prompt's pair and record are appended and flushed as soon as it is judged, so a
 re-run with the same settings skips every prompt already in OUT or in the samples file (keyed by
 prompt index and prompt text; a changed prompt is an error, not a silent mismatch).
@@ -22,15 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from prefopt.data.records import Text
-from prefopt.datatools.reader import write_jsonl
-from prefopt.errors import ConfigError, DataError
+from prefopt.datatools.prompts import PromptRows
+from prefopt.datatools.reader import OnError, write_jsonl
+from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.judges import Judge
 
 if TYPE_CHECKING:  # torch and transformers load only when a build runs
@@ -120,7 +127,8 @@ class BuildSettings:
 
 @dataclass
 class BuildReport:
-    """What a build did, over all runs of it (counted from its files)."""
+    """What a build did, over all runs of it (counted from its files), and the prompt rows this
+    run left out (`skipped_prompts`, reason -> source rows, with on_error="skip")."""
 
     prompts: int = 0
     done_before: int = 0
@@ -131,14 +139,23 @@ class BuildReport:
     pairs: int = 0
     dropped_small_gap: int = 0
     dropped_too_few_replies: int = 0
+    dropped_bad_score: int = 0
+    skipped_prompts: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
+        skipped = sum(len(rows) for rows in self.skipped_prompts.values())
         return (
             f"{self.prompts} prompts ({self.done_before} done before, {self.sampled_now} "
             f"sampled now): {self.pairs} pairs; dropped {self.dropped_small_gap} (score gap "
             f"below min_gap), {self.dropped_too_few_replies} (fewer than 2 distinct non-empty "
-            f"replies); replies {self.replies}, empty {self.empty_replies}, "
-            f"cut at max_new_tokens {self.cut_off_replies}"
+            f"replies), {self.dropped_bad_score} (judge score not a finite number); replies "
+            f"{self.replies}, empty {self.empty_replies}, cut at max_new_tokens "
+            f"{self.cut_off_replies}"
+            + (
+                f"; {skipped} prompt rows skipped (unreadable or no usable prompt)"
+                if skipped
+                else ""
+            )
         )
 
 
@@ -209,17 +226,57 @@ def _judge_prompt(
     return record, row
 
 
-def _score(judge: Judge, prompts: Sequence[Text], replies: list[list[Sample]]) -> list[list[float]]:
-    """Scores of each prompt's distinct non-empty replies, in one judge batch."""
+def _score(
+    judge: Judge, prompts: Sequence[Text], replies: list[list[Sample]]
+) -> list[list[float] | str]:
+    """Scores of each prompt's distinct non-empty replies, in one judge batch; for a prompt
+    with a score that is not a finite number, the judge's complaint instead.
+
+    When the batch fails that way, its prompts are scored again one by one to find which.
+    """
     kept = [list(dict.fromkeys(x.text for x in rs if x.text)) for rs in replies]
-    flat = judge.score_batch(
-        [p for p, ks in zip(prompts, kept, strict=True) for _ in ks], [t for ks in kept for t in ks]
-    )
-    out, pos = [], 0
-    for ks in kept:
-        out.append(flat[pos : pos + len(ks)])
-        pos += len(ks)
-    return out
+    try:
+        flat = judge.score_batch(
+            [p for p, ks in zip(prompts, kept, strict=True) for _ in ks],
+            [t for ks in kept for t in ks],
+        )
+    except PrefoptError:  # the built-in judges refuse NaN, inf and non-numbers this way
+        flat = None
+    if flat is not None and all(_finite(s) for s in flat):
+        out: list[list[float] | str] = []
+        pos = 0
+        for ks in kept:
+            out.append(flat[pos : pos + len(ks)])
+            pos += len(ks)
+        return out
+    return [_score_one(judge, p, ks) for p, ks in zip(prompts, kept, strict=True)]
+
+
+def _finite(score: object) -> bool:
+    return isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+
+
+def _score_one(judge: Judge, prompt: Text, texts: list[str]) -> list[float] | str:
+    try:
+        scores = judge.score_batch([prompt] * len(texts), texts)
+    except PrefoptError as error:
+        return str(error)
+    bad = next((s for s in scores if not _finite(s)), None)
+    if bad is not None:
+        return f"judge '{judge.name}' returned {bad!r}, expected a finite number"
+    return scores
+
+
+def _bad_score_record(index: int, prompt: Text, samples: list[Sample], message: str) -> Row:
+    return {
+        "prompt_index": index,
+        "prompt": _prompt_json(prompt),
+        "replies": [x.text for x in samples],
+        "cut_off": [x.cut_off for x in samples],
+        "scores": [None] * len(samples),
+        "outcome": "bad_score",
+        "error": message,
+    }
 
 
 def _read_records(path: Path) -> list[Row]:
@@ -297,7 +354,7 @@ def _append(f: TextIO, row: Row) -> None:
 def build_pairs(
     model: nn.Module,
     tokenizer: Any,
-    prompts: Sequence[Text],
+    prompts: Sequence[Text] | PromptRows,
     judge: Judge,
     settings: BuildSettings,
     output: str | Path,
@@ -305,36 +362,47 @@ def build_pairs(
     model_name: str = "",
     prompts_file: str = "",
     progress: bool = False,
+    on_error: OnError = "raise",
 ) -> BuildReport:
     """Sample, judge and pair every prompt not yet done, appending to `output` (resumable).
 
     Args:
         model: The causal LM sampling the replies (eval mode, on its device).
         tokenizer: Its tokenizer.
-        prompts: The prompts (text or messages); prompt i is keyed by i and its content.
+        prompts: The prompts (text or messages); prompt i is keyed by i and its content. As
+            `PromptRows`, errors name their source rows and its skipped rows are reported.
         judge: Scores replies (higher is better).
         settings: Sampling, judging and pairing settings.
         output: The pairs file (see the module docstring for the files next to it).
         model_name: The model's location, recorded with the settings.
         prompts_file: The prompts' file, recorded with the settings.
         progress: Show a progress bar.
+        on_error: A judge score that is not a finite number raises ("raise"), or drops the
+            prompt, counted as `dropped_bad_score` ("skip").
 
     Returns:
         Counts over all runs of this build.
 
     Raises:
         ConfigError: When `output` was built with other settings.
-        DataError: When `output` holds other prompts or is not a build's output.
+        DataError: When `output` holds other prompts or is not a build's output, or (with
+            on_error="raise") the judge's score for a reply is not a finite number.
     """
     from tqdm import tqdm
 
     from prefopt.datatools.sampling import plan_batches, sample_replies
 
+    loaded = prompts if isinstance(prompts, PromptRows) else None
+    if isinstance(prompts, PromptRows):
+        prompts_file = prompts_file or prompts.source
+        prompts = prompts.prompts
     paths = build_paths(output)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     done = _done(paths, prompts)
     _check_settings(paths[2], settings, model_name, prompts_file, prompts)
     report = BuildReport(prompts=len(prompts), done_before=len(done))
+    if loaded is not None:
+        report.skipped_prompts = loaded.skipped
     plan = plan_batches(settings.sampling, tokenizer, prompts, settings.batch_size)
     with (
         tqdm(
@@ -366,7 +434,18 @@ def build_pairs(
             wanted = [(i, r) for i, r in zip(indices, replies, strict=True) if i not in done]
             scores = _score(judge, [prompts[i] for i, _ in wanted], [r for _, r in wanted])
             for (i, samples), prompt_scores in zip(wanted, scores, strict=True):
-                record, row = _judge_prompt(i, prompts[i], samples, prompt_scores, settings)
+                if isinstance(prompt_scores, str):  # the judge gave no usable score
+                    if on_error == "raise":
+                        row_number = loaded.rows[i] if loaded is not None else None
+                        raise DataError(
+                            f"prompt_index {i}: {prompt_scores} (--on-error skip drops such "
+                            "prompts)",
+                            file=prompts_file or None,
+                            row=row_number,
+                        )
+                    record, row = _bad_score_record(i, prompts[i], samples, prompt_scores), None
+                else:
+                    record, row = _judge_prompt(i, prompts[i], samples, prompt_scores, settings)
                 if row is not None:
                     _append(out, row)  # the pair first: a crash then loses no pair
                 _append(rec, record)
@@ -389,6 +468,7 @@ def _finish(
     report.cut_off_replies = sum(sum(r["cut_off"]) for r in records)
     report.dropped_small_gap = sum(r["outcome"] == "small_gap" for r in records)
     report.dropped_too_few_replies = sum(r["outcome"] == "too_few_replies" for r in records)
+    report.dropped_bad_score = sum(r["outcome"] == "bad_score" for r in records)
     if complete:
         write_jsonl(paths[0], sorted(rows, key=lambda r: r["prompt_index"]))
     meta = json.loads(paths[2].read_text(encoding="utf-8"))
