@@ -264,6 +264,10 @@ class JudgeConfig:
     """Score gaps at most this count as ties."""
     batch_size: int = 8
     """Prompts per generation batch."""
+    report_samples: int = 4
+    """With `prompts` unset: the saved policy and its reference answer the first N held-out
+    prompts (data.eval, or the data.eval_fraction split) with the sampling settings above,
+    unjudged, so the report still shows generations (`samples.jsonl`). 0: none."""
 
 
 @dataclass
