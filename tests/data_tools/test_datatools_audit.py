@@ -247,3 +247,31 @@ def test_max_prompt_length_with_a_tokenizer(tmp_path: Path) -> None:
     assert report.lengths == {0: (6, 3, 3)} and not report.findings["truncated"]
     report = audit_data(data, tokenizer=tok, max_length=9, max_prompt_length=3)
     assert report.findings["truncated"] == [0] and not report.findings["length_dropped"]
+
+
+def test_clean_applies_the_tokenizer_rules(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "say hello", "chosen": " to the cat .", "rejected": " no ."},  # 0 truncated
+        {"prompt": "say hello", "chosen": "s .", "rejected": " no ."},  # 1 "hellos" merges
+        {"prompt": "say hi", "chosen": " qqq", "rejected": " zzz"},  # 2 both <unk>
+        # 3: <s> please say | the cat is good </s>: 3 + 5 > 6, and cut to 3 tokens both
+        # responses read "the cat is": identical once cut.
+        {"prompt": "please say", "chosen": " the cat is good", "rejected": " the cat is bad"},
+        {"prompt": "is the sun hot ?", "chosen": " yes .", "rejected": " no ."},  # 4 6 tokens
+    ]
+    data = load_data(write(tmp_path / "t.jsonl", rows))
+    tok = make_tokenizer(chat_template=False)
+    audit = audit_data(data, tokenizer=tok, max_length=6)
+    assert audit.findings["tokenization"] == [2]
+    assert audit.findings["boundary_fixed"] == [1]
+    assert audit.findings["length_dropped"] == [3, 4]  # identical once cut; no room at all
+    assert audit.findings["truncated"] == [0]
+    report = clean_data(data, audit, tmp_path / "c.jsonl")
+    assert report.removed == {2: ["tokenization"], 3: ["length_dropped"], 4: ["length_dropped"]}
+    written = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert written == rows[:2]
+    report = clean_data(
+        data, audit, tmp_path / "c.jsonl", {"boundary_fixed": True, "truncated": True}
+    )
+    assert sorted(report.removed) == [0, 1, 2, 3, 4]
+    assert report.removed[1] == ["boundary_fixed"] and report.removed[0] == ["truncated"]
