@@ -9,6 +9,7 @@ the tokenizer is loaded before the data is checked).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -254,6 +255,30 @@ def test_five_megabyte_response_is_truncated_and_reported(
     monkeypatch.setattr(prefopt.run_setup, "load_causal_lm", reached)
     caplog.set_level(logging.INFO, logger="prefopt")
     data = bad_data(tmp_path, {**GOOD[0], "chosen": " " + _five_megabyte_text()})
+    status, err = train_cli(capsys, model_dir, data, tmp_path / "out")
+    assert_one_clear_error(status, err, "model loading reached")  # the data passed
+    assert f"truncated: rows {BAD_ROW}" in caplog.text
+
+
+def test_csv_field_over_the_csv_module_limit_is_read(
+    model_dir: Path, tmp_path: Path, capsys, caplog, monkeypatch
+):
+    """A 200 KB CSV field (csv's default limit is 131072 characters) is an ordinary long row:
+    the response is truncated and reported, not a parser traceback."""
+
+    def reached(*args: Any, **kwargs: Any) -> None:
+        from prefopt.errors import PrefoptError
+
+        raise PrefoptError("model loading reached")
+
+    monkeypatch.setattr(prefopt.run_setup, "load_causal_lm", reached)
+    caplog.set_level(logging.INFO, logger="prefopt")
+    data = tmp_path / "data.csv"
+    with data.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows([*GOOD, {**GOOD[0], "chosen": " paris" * 35_000}])  # 210 KB field
+    assert data.stat().st_size > 200_000
     status, err = train_cli(capsys, model_dir, data, tmp_path / "out")
     assert_one_clear_error(status, err, "model loading reached")  # the data passed
     assert f"truncated: rows {BAD_ROW}" in caplog.text

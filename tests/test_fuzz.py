@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import tempfile
 import typing
 from pathlib import Path
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import ALIASES, load_config
 from prefopt.data import FORMATS, ROLES, ColumnMap, PreferencePair, UnpairedExample, normalize_rows
-from prefopt.errors import PrefoptError
+from prefopt.data.loading import load_preference_data, read_rows
+from prefopt.errors import DataError, PrefoptError
 from prefopt.tokenize import tokenize_examples, tokenize_pairs
 from toy import TOY_VOCAB, WORDS, make_tokenizer
 
@@ -184,6 +186,71 @@ def test_random_rows_normalize_and_tokenize_or_raise_prefopt_errors(
 def test_random_column_maps_raise_prefopt_errors(data: list[Any], columns: ColumnMap):
     with contextlib.suppress(PrefoptError):
         normalize_rows(data, columns=columns, on_error="skip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: damaged bytes
+
+_PAIR_ROWS = [
+    {"prompt": "hi", "chosen": " a", "rejected": " b"},
+    {"prompt": [{"role": "user", "content": "yo"}], "chosen": " c, d", "rejected": " e"},
+]
+GOOD_FILES = {
+    ".jsonl": "".join(json.dumps(row) + "\n" for row in _PAIR_ROWS).encode(),
+    ".json": json.dumps(_PAIR_ROWS).encode(),
+    ".csv": b'prompt,chosen,rejected\r\nhi,a,b\r\n"y\no","c, ""d""",e\r\n',
+}
+"""Small valid files of each text format, to be damaged."""
+SPECIAL_BYTES = [b"\x00", b'"', b"{", b"[", b"\n", b"\r", b",", b"\xef\xbb\xbf", b"\xff\xfe",
+                 b"\xc3", b"\xed\xa0\x80", b"1e999", b"NaN", b"\\u", b"\\ud800", b"]"]  # fmt: skip
+edits = st.lists(
+    st.tuples(
+        st.sampled_from(["replace", "insert", "delete"]),
+        st.floats(min_value=0, max_value=1),  # where, as a fraction of the length
+        st.binary(min_size=1, max_size=4) | st.sampled_from(SPECIAL_BYTES),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _damage(data: bytes, changes: list[tuple[str, float, bytes]]) -> bytes:
+    out = bytearray(data)
+    for kind, where, chunk in changes:
+        at = int(where * len(out))
+        if kind == "replace":
+            out[at : at + len(chunk)] = chunk
+        elif kind == "insert":
+            out[at:at] = chunk
+        else:
+            del out[at : at + len(chunk)]
+    return bytes(out)
+
+
+@FUZZ
+@given(
+    suffix=st.sampled_from(sorted(GOOD_FILES)),
+    changes=edits,
+    on_error=st.sampled_from(["raise", "skip"]),
+)
+def test_damaged_files_read_or_raise_data_errors(
+    suffix: str, changes: list[tuple[str, float, bytes]], on_error: Any
+):
+    """Random byte damage (flips, inserts, cuts; quotes, NULs, BOMs, bad UTF-8) to JSONL, JSON
+    and CSV files: `read_rows` returns row objects or raises DataError, nothing else; so does
+    `load_preference_data` after it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"data{suffix}"
+        path.write_bytes(_damage(GOOD_FILES[suffix], changes))
+        try:
+            rows = read_rows(path, on_error=on_error)
+        except DataError as error:
+            event(f"{suffix}: refused ({error.reason.split(':')[0][:30]})")
+            return
+        assert rows and all(isinstance(row, dict) for row in rows)
+        event(f"{suffix}: read")
+        with contextlib.suppress(PrefoptError):
+            load_preference_data(path, on_error=on_error)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -151,6 +152,69 @@ def test_other_json_problems(tmp_path: Path) -> None:
     (tmp_path / "long.csv").write_text("prompt,chosen\na,b,c\n")
     with pytest.raises(DataError, match="row 0: more values than the 2 header columns"):
         read_rows(tmp_path / "long.csv")
+
+
+def test_csv_field_longer_than_the_csv_module_default(tmp_path: Path) -> None:
+    """csv refuses fields over 131072 characters by default; prefopt lifts the limit."""
+    long = "x" * 200_000
+    (tmp_path / "long.csv").write_text(f"prompt,chosen,rejected\nq,{long},b\nq2,a,b\n")
+    rows = read_rows(tmp_path / "long.csv")
+    assert [len(r["chosen"]) for r in rows] == [200_000, 1]
+
+
+def test_csv_parser_errors_become_data_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any csv.Error (here: a field over a limit left in place) names the file and row."""
+    monkeypatch.setattr(loading_module, "_allow_long_csv_fields", lambda: None)
+    old = csv.field_size_limit(100)
+    try:
+        (tmp_path / "t.csv").write_text(f"prompt,chosen,rejected\nq,a,b\nq,{'x' * 200},b\n")
+        with pytest.raises(DataError, match=r"t\.csv, row 1: invalid CSV: field larger"):
+            read_rows(tmp_path / "t.csv")
+    finally:
+        csv.field_size_limit(old)
+
+
+def test_csv_field_limit_falls_back_where_sys_maxsize_overflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """64-bit Windows: the limit is a 32-bit C long, and sys.maxsize raises OverflowError."""
+    current = [131072]
+
+    def field_size_limit(*new: int) -> int:
+        if new and new[0] > 2**31 - 1:
+            raise OverflowError("Python int too large to convert to C long")
+        old = current[0]
+        current[:] = new or current
+        return old
+
+    monkeypatch.setattr(loading_module.csv, "field_size_limit", field_size_limit)
+    loading_module._allow_long_csv_fields()
+    assert 2**30 <= current[0] <= 2**31 - 1
+
+
+def test_on_error_skip_drops_unreadable_jsonl_lines_and_keeps_row_indices(tmp_path: Path) -> None:
+    good = [json.dumps(row).encode() for row in ROWS]
+    lines = [good[0], b'{"prompt": "cut', b'{"prompt": "caf\xe9"}', b"[1, 2]", b"", good[1]]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match="row 1: invalid JSON on line 2"):
+        load_preference_data(tmp_path / "d.jsonl")
+    examples, report = load_preference_data(tmp_path / "d.jsonl", on_error="skip")
+    assert examples == [PAIRS[0], PreferencePair(4, "Say hi.", "Hi!", "No.")]  # blank: no row
+    assert (report.rows_read, report.rows_kept) == (5, 2)
+    assert report.dropped == {
+        "invalid JSON": [1],
+        "text is not valid UTF-8": [2],
+        "expected a row object, got a list": [3],
+    }
+    (tmp_path / "none.jsonl").write_bytes(b"{\n\xff\n")
+    with pytest.raises(DataError, match="no rows to read .all 2 unreadable"):
+        load_preference_data(tmp_path / "none.jsonl", on_error="skip")
+    # One JSON document cannot be read in parts: a broken .json file still stops.
+    (tmp_path / "broken.json").write_text('[{"prompt": "a",]')
+    with pytest.raises(DataError, match="invalid JSON at line 1"):
+        load_preference_data(tmp_path / "broken.json", on_error="skip")
 
 
 def test_bad_bytes_inside_a_message_are_located(tmp_path: Path) -> None:

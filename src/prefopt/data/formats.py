@@ -39,7 +39,13 @@ from prefopt.data.fields import (
     is_message_list,
     parse_label,
 )
-from prefopt.data.records import LoadReport, PreferencePair, Text, UnpairedExample
+from prefopt.data.records import (
+    LoadReport,
+    PreferencePair,
+    Text,
+    UnpairedExample,
+    UnreadableRow,
+)
 from prefopt.errors import ConfigError, DataError
 
 __all__ = ["FORMATS", "ColumnMap", "detect_format", "normalize_rows"]
@@ -80,15 +86,17 @@ def detect_format(
         DataError: If there are no rows, row 0 matches no format, or a later row is in another
             format (the error names that row).
     """
-    if not rows:
-        raise DataError("no rows to read", file=source)
-    first = _as_mapping(rows[0], RowContext(source, 0))
+    readable = [i for i, row in enumerate(rows) if not isinstance(row, UnreadableRow)]
+    if not readable:
+        unread = f" (all {len(rows)} unreadable)" if rows else ""
+        raise DataError(f"no rows to read{unread}", file=source)
+    first = _as_mapping(rows[readable[0]], RowContext(source, readable[0]))
     found = _classify(first, columns, strict=False)
     if found is None:
-        raise RowContext(source, 0).error(_undetectable_message(first, columns))
+        raise RowContext(source, readable[0]).error(_undetectable_message(first, columns))
     fmt = found[0]
     for index, row in enumerate(rows):
-        if isinstance(row, Mapping):
+        if isinstance(row, Mapping) and not isinstance(row, UnreadableRow):
             _check_same_format(row, fmt, columns, RowContext(source, index))
     return fmt
 
@@ -133,6 +141,9 @@ def normalize_rows(
     convert = _CONVERTERS[fmt]
     examples: list[Example] = []
     for index, row in enumerate(rows):
+        if isinstance(row, UnreadableRow):
+            report.drop(row.reason, index)
+            continue
         ctx = RowContext(source, index)
         try:
             examples.append(convert(_as_mapping(row, ctx), columns, ctx))

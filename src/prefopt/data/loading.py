@@ -10,13 +10,14 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from prefopt.data.fields import DEFAULT_COLUMNS, ColumnMap, describe_type
 from prefopt.data.formats import normalize_rows
-from prefopt.data.records import LoadReport, PreferencePair, UnpairedExample
+from prefopt.data.records import LoadReport, PreferencePair, UnpairedExample, UnreadableRow
 from prefopt.errors import DataError
 
 Row = dict[str, Any]
@@ -27,7 +28,9 @@ HUB_TIMEOUT_S = 10.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def read_rows(source: str | Path, *, split: str | None = None) -> list[Row]:
+def read_rows(
+    source: str | Path, *, split: str | None = None, on_error: Literal["raise", "skip"] = "raise"
+) -> list[Row]:
     """Read raw rows (column name -> value) from a file, a `datasets` folder or the Hub.
 
     Args:
@@ -35,6 +38,10 @@ def read_rows(source: str | Path, *, split: str | None = None) -> list[Row]:
             `.csv` file; a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
             otherwise a Hub dataset id, loaded with `datasets.load_dataset`.
         split: Split of a `DatasetDict` folder or Hub dataset (default "train").
+        on_error: "skip": in a JSONL file, a line that is not valid JSON or holds bytes that
+            are not UTF-8 becomes an empty `UnreadableRow` (so later rows keep their indices),
+            which `normalize_rows` drops and counts. Whole-file problems (a broken .json
+            document or CSV, an empty file) still raise.
 
     Returns:
         The rows, in source order.
@@ -53,7 +60,7 @@ def read_rows(source: str | Path, *, split: str | None = None) -> list[Row]:
                 f"unsupported file type '{path.suffix}' (expected {', '.join(_READERS)})",
                 file=str(path),
             )
-        rows = reader(path)
+        rows = _read_jsonl(path, skip=True) if _skips_lines(path, on_error) else reader(path)
         if not rows:
             raise DataError("the file holds no rows", file=str(path))
         return rows
@@ -76,7 +83,7 @@ def load_preference_data(
     Returns:
         The examples and a report naming the detected format and what was dropped.
     """
-    rows = read_rows(source, split=split)
+    rows = read_rows(source, split=split, on_error=on_error)
     return normalize_rows(
         rows, format=format, columns=columns, source=str(source), on_error=on_error
     )
@@ -173,44 +180,83 @@ def _read_json(path: Path) -> list[Row]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _skips_lines(path: Path, on_error: str) -> bool:
+    """Whether `read_rows` skips unreadable lines of `path` (JSONL only: one row per line)."""
+    return on_error == "skip" and path.suffix.lower() == ".jsonl"
+
+
+def _read_jsonl(path: Path, *, skip: bool = False) -> list[Row]:
     text, bad_bytes = _read_text(path)
     rows: list[Row] = []
     # Split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON text.
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
+        if skip and bad_bytes and _has_escaped_bytes(line):
+            rows.append(UnreadableRow("text is not valid UTF-8"))
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
+            if skip:
+                rows.append(UnreadableRow("invalid JSON"))
+                continue
             raise DataError(
                 f"invalid JSON on line {line_number} (column {error.colno}): {error.msg}",
                 file=str(path),
                 row=len(rows),
             ) from error
+        if skip and not isinstance(value, dict):
+            rows.append(UnreadableRow(f"expected a row object, got {describe_type(value)}"))
+            continue
         rows.append(_check_object(value, path, len(rows)))
-    if bad_bytes:
+    if bad_bytes and not skip:
         _raise_on_bad_bytes(rows, path)
     return rows
+
+
+def _allow_long_csv_fields() -> None:
+    """Lift csv's 131072-character field limit: a long prompt or response is a row to read
+    (and truncate or refuse later, with its row named), not a parser error. The limit is a C
+    long, narrower than sys.maxsize on some platforms (64-bit Windows): halve until it fits."""
+    limit = sys.maxsize
+    while limit > csv.field_size_limit():
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
 
 
 def _read_csv(path: Path) -> list[Row]:
     """CSV rows with every value as text (no type guessing: "true", "" and "1" stay text)."""
     text, bad_bytes = _read_text(path)
+    _allow_long_csv_fields()
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
     rows: list[Row] = []
-    for index, record in enumerate(reader):
-        if None in record:
-            raise DataError(
-                f"more values than the {len(header)} header columns", file=str(path), row=index
-            )
-        missing = [column for column, value in record.items() if value is None]
-        if missing:
-            raise DataError(
-                "fewer values than header columns", file=str(path), row=index, field=missing[0]
-            )
-        rows.append(dict(record))
+    header: Sequence[str] | None = None
+    try:
+        header = reader.fieldnames or []
+        for index, record in enumerate(reader):
+            if None in record:
+                raise DataError(
+                    f"more values than the {len(header)} header columns",
+                    file=str(path),
+                    row=index,
+                )
+            missing = [column for column, value in record.items() if value is None]
+            if missing:
+                raise DataError(
+                    "fewer values than header columns", file=str(path), row=index, field=missing[0]
+                )
+            rows.append(dict(record))
+    except csv.Error as error:  # Python's csv is lenient: little but a size limit gets here
+        in_header = header is None
+        raise DataError(
+            f"invalid CSV{' header' if in_header else ''}: {error}",
+            file=str(path),
+            row=None if in_header else len(rows),
+        ) from error
     if bad_bytes:
         _raise_on_bad_bytes(rows, path)
     return rows

@@ -64,6 +64,16 @@ class UnpairedExample:
         return is_conversational(self.prompt)
 
 
+class UnreadableRow(dict):  # type: ignore[type-arg]
+    """Stands, empty, for a source row that `read_rows(on_error="skip")` could not parse (an
+    invalid JSON line, bytes that are not UTF-8), so later rows keep their indices;
+    `normalize_rows` drops it and counts it under `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
 @dataclass
 class LoadReport:
     """What loading a file found: the detected format and anything dropped, with counts.
