@@ -1,8 +1,10 @@
-"""`prefopt sft`: loss only on assistant tokens, learning happens, resume is exact."""
+"""`prefopt sft`: loss only on assistant tokens (every assistant turn), learning happens, resume
+is exact, data.columns/data.format apply, and the SFT -> DPO recipe in configs/ works end to end."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,14 @@ from safetensors.torch import load_file
 from prefopt.cli import main
 from prefopt.collate import collate_examples
 from prefopt.config_io import load_config
-from prefopt.errors import ConfigError, DataError
+from prefopt.errors import ConfigError, DataError, TokenizationError
 from prefopt.pipeline import prepare_data
+from prefopt.sft import collate_sft
 from prefopt.trainer import Interrupted, train
 from toy import TOY_VOCAB, make_tokenizer
-from toy_models import learnable_pairs, save_toy_model, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, train_lines, write_jsonl
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def ids(*pieces: str) -> list[int]:
@@ -86,7 +91,8 @@ def test_sft_cli_and_bad_rows(assets: dict[str, Path], tmp_path: Path, capsys):
     code = main(["sft", f"model.name_or_path={model}", f"data.train={data}", f"output.dir={out}",
                  "train.max_steps=2", "output.progress=false"])  # fmt: skip
     assert code == 0
-    assert (tmp_path / "ok" / "model" / "config.json").is_file()
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "metrics.jsonl").is_file() and (out / "report" / "index.html").is_file()
 
 
 def test_sft_refuses_other_losses(assets: dict[str, Path], tmp_path: Path):
@@ -102,3 +108,174 @@ def test_preference_rows_train_on_chosen(assets: dict[str, Path], tmp_path: Path
     missing = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "hi"}])
     with pytest.raises(DataError, match="response"):
         prepare_data(sft_cfg({**assets, "train": missing}, tmp_path / "o2"), make_tokenizer())
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def prepared(tmp_path: Path, rows: list[dict], *extra: str, tokenizer=None):
+    """prepare_data on `rows` with the toy chat tokenizer (or `tokenizer`)."""
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = sft_cfg({"model": Path("unused"), "train": data}, tmp_path / "out", *extra)
+    return prepare_data(cfg, tokenizer or make_tokenizer())
+
+
+def scored(tmp_path: Path, rows: list[dict], *extra: str, tokenizer=None) -> list[tuple[int, bool]]:
+    """(token id, scored?) of the first example, as the training step sees it."""
+    first = prepared(tmp_path, rows, *extra, tokenizer=tokenizer).train[0]
+    batch = collate_sft([first], pad_token_id=0)
+    return list(zip(batch.input_ids[0].tolist(), batch.response_mask[0].tolist(), strict=True))
+
+
+def test_every_assistant_turn_is_scored_user_turns_are_not(tmp_path: Path):
+    rows = [{"messages": [user("tell me about the cat"), assistant("the cat is good ."),
+                          user("and the dog ?"), assistant("the dog is nice .")]}]  # fmt: skip
+    # <s><|im_start|>user\ntell me about the cat<|im_end|>\n<|im_start|>assistant\n  (context)
+    # the cat is good .<|im_end|>                                                  (scored)
+    # \n<|im_start|>user\nand the dog ?<|im_end|>\n<|im_start|>assistant\n          (context)
+    # the dog is nice .<|im_end|>                                                  (scored)
+    out = ids("<s>", "<|im_start|>", "user", "\n", "tell", "me", "about", "the", "cat",
+              "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")  # fmt: skip
+    turn1 = ids("the", "cat", "is", "good", ".", "<|im_end|>")
+    between = ids("\n", "<|im_start|>", "user", "\n", "and", "the", "dog", "?", "<|im_end|>",
+                  "\n", "<|im_start|>", "assistant", "\n")  # fmt: skip
+    turn2 = ids("the", "dog", "is", "nice", ".", "<|im_end|>")
+    expected = [(t, False) for t in out] + [(t, True) for t in turn1]
+    expected += [(t, False) for t in between] + [(t, True) for t in turn2]
+    assert scored(tmp_path, rows) == expected
+    # The same conversation as prompt + response columns is the same sequence.
+    split = [{"prompt": rows[0]["messages"][:3], "response": rows[0]["messages"][3:]}]
+    assert scored(tmp_path, split) == expected
+
+
+def test_plain_text_row_scores_the_response_only(tmp_path: Path):
+    rows = [{"prompt": "tell me about the cat", "response": "the cat is good ."}]
+    # Through the chat template: the prompt becomes a user turn, the response the assistant's.
+    prompt = ids("<s>", "<|im_start|>", "user", "\n", "tell", "me", "about", "the", "cat",
+                 "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")  # fmt: skip
+    response = ids("the", "cat", "is", "good", ".", "<|im_end|>")
+    want = [(t, False) for t in prompt] + [(t, True) for t in response]
+    assert scored(tmp_path, rows) == want
+    # Without a template: the texts concatenated, EOS appended.
+    plain = make_tokenizer(chat_template=False)
+    want = [(t, False) for t in ids("<s>", "tell", "me", "about", "the", "cat")]
+    want += [(t, True) for t in ids("the", "cat", "is", "good", ".", "</s>")]
+    assert scored(tmp_path, rows, tokenizer=plain) == want
+
+
+def test_multi_turn_truncation_keeps_the_mask_aligned(tmp_path: Path):
+    rows = [{"messages": [user("hi"), assistant("hello ."), user("bye"), assistant("bye .")]}]
+    got = scored(tmp_path, rows, "data.max_length=15")
+    # <s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n = 10 prompt tokens, then 5 of
+    # the rest: "hello .<|im_end|>" scored, the "\n<|im_start|>" after it not.
+    kept = ids("hello", ".", "<|im_end|>", "\n", "<|im_start|>")
+    assert got[10:] == list(zip(kept, [True, True, True, False, False], strict=True))
+    assert prepared(tmp_path, rows, "data.max_length=15").train[0].truncated
+
+
+def test_template_that_is_not_prefix_stable_is_refused(tmp_path: Path):
+    tok = make_tokenizer()  # the assistant header differs between generation prompt and turn
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' }}"
+        "{% if m['role'] == 'assistant' %}{{ 'bot' }}{% else %}{{ m['role'] }}{% endif %}"
+        "{{ '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    rows = [{"messages": [user("hi"), assistant("hello ."), user("bye"), assistant("bye .")]}]
+    with pytest.raises(TokenizationError, match="not prefix-stable") as info:
+        prepared(tmp_path, rows, tokenizer=tok)
+    assert "row 0" in str(info.value)
+    data = prepared(tmp_path, rows * 2 + [{"prompt": "hi", "response": "hello ."}],
+                    "data.on_error=skip", tokenizer=make_tokenizer())  # fmt: skip
+    assert len(data.train) == 3  # the toy ChatML template is prefix-stable
+
+
+def test_multi_turn_training_scores_both_turns(assets: dict[str, Path], tmp_path: Path):
+    rows = [{"messages": [user(f"tell me about the {w}"), assistant(f"the {w} is good ."),
+                          user("and the dog ?"), assistant("the dog is nice .")]}
+            for w in ("cat", "bird", "fish", "tree")]  # fmt: skip
+    data = write_jsonl(tmp_path / "mt.jsonl", rows)
+    train(sft_cfg({**assets, "train": data}, tmp_path / "out", "train.max_steps=1"))
+    (step,) = train_lines(tmp_path / "out")
+    assert step["tokens/response"] == 12  # 6 + 6 per row, the user turns not counted
+
+
+def test_columns_rename_the_prompt_and_response(tmp_path: Path):
+    rows = [{"question": "tell me about the cat", "answer": "the cat is good ."}]
+    response = ids("the", "cat", "is", "good", ".", "<|im_end|>")
+    for column in ("chosen", "completion"):
+        data = prepared(tmp_path, rows, "data.columns.prompt=question",
+                        f"data.columns.{column}=answer")  # fmt: skip
+        assert list(data.train[0].completion_ids) == response
+    with pytest.raises(DataError, match="question"):  # the prompt column is not renamed
+        prepared(tmp_path, rows, "data.columns.chosen=answer")
+    # A renamed column wins over a default-named one in the same row.
+    both = [{**rows[0], "response": "no ."}]
+    data = prepared(tmp_path, both, "data.columns.prompt=question", "data.columns.chosen=answer")
+    assert list(data.train[0].completion_ids) == response
+
+
+def test_settings_that_cannot_apply_to_sft_are_refused(tmp_path: Path):
+    rows = [{"prompt": "hi", "response": "hello ."}]
+    for setting, match in [("data.columns.rejected=bad", "rejected"),
+                           ("data.columns.label=ok", "label"),
+                           ("data.format=unpaired", "unpaired"),
+                           ("data.format=nonsense", "nonsense")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            prepared(tmp_path, rows, setting)
+
+
+def test_format_selects_how_rows_are_read(tmp_path: Path):
+    text = [{"prompt": "hi", "response": "hello ."}]
+    chat = [{"messages": [user("hi"), assistant("hello .")]}]
+    assert prepared(tmp_path, text, "data.format=standard").train
+    assert prepared(tmp_path, chat, "data.format=conversational").train
+    with pytest.raises(DataError, match="standard"):
+        prepared(tmp_path, chat, "data.format=standard")
+    with pytest.raises(DataError, match="conversational"):
+        prepared(tmp_path, text, "data.format=conversational")
+    # A preference layout: SFT reads the pair and trains on its chosen side.
+    human = "\n\nHuman: tell me about the cat\n\nAssistant: the cat is"
+    hh = [{"chosen": f"{human} good .", "rejected": f"{human} bad ."}]
+    data = prepared(tmp_path, hh, "data.format=hh")
+    assert list(data.train[0].completion_ids) == ids("the", "cat", "is", "good", ".", "<|im_end|>")
+    with pytest.raises(DataError, match="data.format=implicit_prompt or hh"):
+        prepared(tmp_path, hh)
+
+
+def test_sft_then_dpo_recipe(assets: dict[str, Path], tmp_path: Path):
+    """configs/sft-then-dpo-*.yaml through the CLI: stage 2 starts from the merged SFT model and
+    uses it as the reference, so its step-0 rewards are 0, its loss ln 2, and its chosen
+    log-probs are SFT's final eval log-probs of the same responses."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(24))
+    common = [f"data.train={pairs}", "optim.lr=1e-2", "output.progress=false",
+              "data.max_length=64", "train.batch_size=4",
+              "lora.target_modules=all-linear"]  # fmt: skip
+    sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
+    code = main(["sft", str(CONFIGS / "sft-then-dpo-1-sft.yaml"), *common,
+                 f"model.name_or_path={assets['model']}", f"output.dir={sft_out}",
+                 "train.max_steps=6"])  # fmt: skip
+    assert code == 0
+    assert (sft_out / "model" / "config.json").is_file()  # merged: a plain model folder
+    assert not (sft_out / "model" / "adapter_config.json").exists()
+    code = main(["train", str(CONFIGS / "sft-then-dpo-2-dpo.yaml"), *common,
+                 f"model.name_or_path={sft_out / 'model'}", f"output.dir={dpo_out}",
+                 "train.max_steps=1"])  # fmt: skip
+    assert code == 0
+
+    def records(out: Path, split: str) -> list[dict]:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r.get("split") == split]
+
+    sft_final = records(sft_out, "eval")[-1]
+    dpo_start = records(dpo_out, "eval")[0]
+    assert sft_final["step"] == 6 and dpo_start["step"] == 0
+    assert dpo_start["rewards/chosen"] == dpo_start["rewards/rejected"] == 0.0
+    assert dpo_start["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo_start["logps/chosen"] == pytest.approx(sft_final["logps/response"], abs=1e-4)
+    assert records(dpo_out, "train")[0]["rewards/margins"] == 0.0

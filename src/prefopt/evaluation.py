@@ -28,7 +28,7 @@ from prefopt.metrics import MetricAccumulator
 from prefopt.prefix_collate import SharedPrefixBatch, collate_shared_prefix
 from prefopt.reference import Reference, Rows
 from prefopt.series_stats import correlation
-from prefopt.sft import is_sft_batch, sft_step
+from prefopt.sft import collate_sft, is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
 from prefopt.tokenize import TokenizedExample, TokenizedPair
 
@@ -71,7 +71,7 @@ def micro_step(
     """
     params = loss_params(loss_cfg)
     if is_sft_batch(examples):
-        sft_batch = collate_examples(list(examples), pad_token_id=pad_token_id).to(device)  # type: ignore[arg-type]
+        sft_batch = collate_sft(list(examples), pad_token_id=pad_token_id).to(device)  # type: ignore[arg-type]
         return sft_step(scorer, sft_batch), sft_batch.num_tokens
     if examples and isinstance(examples[0], TokenizedExample):
         assert reference is not None, "kto needs a reference"

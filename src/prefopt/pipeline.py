@@ -6,7 +6,6 @@ seconds rather than after minutes of model loading.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from prefopt.data import ColumnMap, load_preference_data, split_eval
 from prefopt.data.records import PreferencePair, UnpairedExample
 from prefopt.errors import ConfigError, TokenizationError
 from prefopt.loss_registry import LOSSES
-from prefopt.sft import load_sft_rows
+from prefopt.sft import load_sft_rows, tokenize_sft_rows
 from prefopt.tokenize import (
     TokenizedExample,
     TokenizedPair,
@@ -115,9 +114,9 @@ def _tokenize_rows(
         "progress": cfg.output.progress and len(examples) > 2000,
     }
     if examples and isinstance(examples[0], UnpairedExample):
-        tokens, report = tokenize_examples(examples, tokenizer, **kwargs)
-        if cfg.data.sft:  # label None marks SFT rows for the step function
-            tokens = [dataclasses.replace(t, label=None) for t in tokens]
+        # SFT: label None marks the rows for the step function; every assistant turn is scored.
+        tokenize = tokenize_sft_rows if cfg.data.sft else tokenize_examples
+        tokens, report = tokenize(examples, tokenizer, **kwargs)
         return tokens, report.summary()
     pairs: list[PreferencePair] = examples
     tok_pairs, report = tokenize_pairs(pairs, tokenizer, **kwargs)
@@ -126,7 +125,10 @@ def _tokenize_rows(
 
 def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
     """SFT rows as UnpairedExample(label=True) so splitting/tokenizing reuse the same code."""
-    rows, skipped = load_sft_rows(source, split=cfg.data.split, on_error=cfg.data.on_error)
+    rows, skipped = load_sft_rows(
+        source, split=cfg.data.split, on_error=cfg.data.on_error, columns=_columns(cfg),
+        format=cfg.data.format,
+    )  # fmt: skip
     examples = [UnpairedExample(i, p, r, True) for i, p, r in rows]
     note = f"{source}: format 'sft', {len(rows) + len(skipped)} rows read, {len(rows)} kept"
     if skipped:
