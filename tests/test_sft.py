@@ -91,6 +91,7 @@ def test_sft_cli_and_bad_rows(assets: dict[str, Path], tmp_path: Path, capsys):
     code = main(["sft", f"model.name_or_path={model}", f"data.train={data}", f"output.dir={out}",
                  "train.max_steps=2", "output.progress=false"])  # fmt: skip
     assert code == 0
+    assert "== prefopt sft: done ==" in capsys.readouterr().out
     assert (out / "model" / "config.json").is_file()
     assert (out / "metrics.jsonl").is_file() and (out / "report" / "index.html").is_file()
 

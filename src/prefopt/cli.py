@@ -47,13 +47,13 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _print_summary(result: object) -> None:
+def _print_summary(result: object, command: str = "train") -> None:
     from prefopt.trainer import TrainResult
 
     assert isinstance(result, TrainResult)
     keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
             "perplexity")  # fmt: skip
-    print("\n== prefopt train: done ==")
+    print(f"\n== prefopt {command}: done ==")
     print(f"steps: {result.state.step}  tokens: {result.state.tokens_seen}"
           + ("  (stopped early)" if result.stopped_early else ""))  # fmt: skip
     if result.initial_eval and result.final_eval:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"prefopt: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun/accelerate launch
-        _print_summary(result)
+        _print_summary(result, args.command)
     return 0
 
 
