@@ -157,17 +157,18 @@ def first_step_gradients(
     overrides: list[str], make: Callable[[Any], Any] | None = None
 ) -> dict[str, torch.Tensor]:
     """Whole gradients after the first optimizer step's backward (before the update)."""
+    from prefopt.batch_plan import effective_batches
     from prefopt.checkpoint import TrainerState
     from prefopt.run_setup import build_run, make_accelerator, prepare_reference
     from prefopt.sharding import full_cpu
-    from prefopt.trainer import _effective_batches, _train_step
+    from prefopt.trainer import _train_step
 
     cfg = load_config(None, [*overrides, "optim.max_grad_norm=null"])
     acc = (make or make_accelerator)(cfg)
     run = build_run(cfg, acc)
     prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
     prepare_reference(run)
-    _train_step(run, next(_effective_batches(run, TrainerState())), prepared)
+    _train_step(run, next(effective_batches(run, TrainerState())), prepared)
     grads = {n: full_cpu(p.grad) for n, p in run.model.named_parameters() if p.grad is not None}
     return {n: g for n, g in grads.items() if g is not None}
 

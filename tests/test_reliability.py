@@ -275,7 +275,9 @@ def test_nan_loss_with_on_nan_skip_skips_counts_and_finishes(
     )
     assert saved["skipped_steps"] == 1
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 4, 5, 6]
+    train = [r for r in logged if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # step 3 logged, marked, not applied
+    assert [r["step"] for r in train if r.get("non_finite_step")] == [3]
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())

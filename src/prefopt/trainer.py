@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from prefopt.batch_plan import effective_batches, micro_batches
 from prefopt.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -26,7 +26,6 @@ from prefopt.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from prefopt.collate import epoch_batches
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.deepspeed_state import save_engine_state
@@ -35,7 +34,7 @@ from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.final_judge import check_judge_setup
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
-from prefopt.pipeline import example_length
+from prefopt.report_samples import sample_for_report
 from prefopt.run_hooks import (
     check_reference_at_start,
     check_saved_model_loads,
@@ -51,18 +50,17 @@ from prefopt.run_setup import (
     verify_run_prefix_sharing,
 )
 from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
+from prefopt.step_guards import (
+    Interrupted,
+    NonFiniteError,
+    handle_non_finite,
+    step_finite,
+    weights_finite,
+)
 from prefopt.stop_signals import StopFlag, stop_on_signals
 from prefopt.tracking import Progress, Tracker
 
 logger = logging.getLogger(__name__)
-
-
-class Interrupted(PrefoptError):
-    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
-
-
-class NonFiniteError(PrefoptError):
-    """Loss or gradient became NaN/Inf."""
 
 
 @dataclass
@@ -79,37 +77,11 @@ class TrainResult:
     """The held-out judge comparison (`judge.json`), when `judge.prompts` was set."""
 
 
-def _effective_batches(run: RunParts, state: TrainerState) -> Iterator[list[int]]:
-    """Dataset positions of each remaining effective batch, epoch after epoch."""
-    cfg, world = run.cfg, run.accelerator.num_processes
-    lengths = [example_length(e) for e in run.data.train]
-    size = cfg.train.batch_size * cfg.train.grad_accum * world
-    epoch, skip = state.epoch, state.batch_in_epoch
-    while True:
-        batches = epoch_batches(
-            lengths, size, seed=cfg.train.seed, epoch=epoch,
-            group_by_length=cfg.train.group_by_length, drop_last=world > 1,
-        )  # fmt: skip
-        for i, batch in enumerate(batches[: run.steps_per_epoch]):
-            if i >= skip:
-                yield batch
-        epoch, skip = epoch + 1, 0
-
-
-def _micro_batches(run: RunParts, batch: list[int]) -> list[list[int]]:
-    """This process's share of an effective batch, cut into micro-batches."""
-    acc, world = run.accelerator, run.accelerator.num_processes
-    share = len(batch) // world if world > 1 else len(batch)
-    mine = batch[acc.process_index * share : (acc.process_index + 1) * share]
-    size = run.cfg.train.batch_size
-    return [mine[i : i + size] for i in range(0, len(mine), size)]
-
-
 def _train_step(run: RunParts, batch: list[int], prepared: Any) -> tuple[dict[str, float], int]:
     """One optimizer step over an effective batch; returns (metrics, tokens of all processes)."""
     acc, cfg = run.accelerator, run.cfg
     n_global, world = len(batch), acc.num_processes
-    micro = _micro_batches(run, batch)
+    micro = micro_batches(run, batch)
     metrics, tokens = MetricAccumulator(), 0
     # FSDP would keep whole (unsharded) gradients across no_sync micro-batches: reduce-scatter
     # each one instead, trading communication for memory.
@@ -146,10 +118,6 @@ def _clip(run: RunParts) -> float | None:
     max_norm = run.cfg.optim.max_grad_norm
     norm = run.accelerator.clip_grad_norm_(params, max_norm if max_norm else math.inf)
     return None if norm is None else float(norm)  # DeepSpeed: None when it has no norm yet
-
-
-def _finite(values: dict[str, float]) -> bool:
-    return all(math.isfinite(values.get(k, 0.0)) for k in ("loss", "grad_norm"))
 
 
 def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
@@ -191,6 +159,14 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     """Run DPO-family training as configured; returns where the output went and the metrics."""
     cfg.validate()  # load_config validated it, but a config built in Python may not be
     check_judge_setup(cfg)  # a bad prompts file or judge fails now, not after training
+    # Handlers for the whole run: unarmed during setup (a signal stops at once), armed by the
+    # loop (finish the step, save, exit), unarmed again once the final model is saved.
+    flag = StopFlag(armed=False)
+    with stop_on_signals(flag):
+        return _train(cfg, flag)
+
+
+def _train(cfg: ExperimentConfig, flag: StopFlag) -> TrainResult:
     acc = make_accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     if acc.is_main_process:  # one process owns the folder; the others wait for it
@@ -215,10 +191,17 @@ def train(cfg: ExperimentConfig) -> TrainResult:
         initial_eval = _eval(run, prepared)
         if initial_eval is not None:
             tracker.log({"step": 0, "split": "eval", **initial_eval})
-    result = _Loop(run, prepared, state, tracker, out_dir).run_all()
+    try:
+        result = _Loop(run, prepared, state, tracker, out_dir, flag).run_all()
+    except NonFiniteError:
+        if acc.is_main_process:  # the non-finite step is logged: health and report say so
+            write_health_and_report(out_dir, monitor, report=cfg.output.report)
+        tracker.close()
+        raise
     if acc.is_main_process:
         check_saved_model_loads(cfg, out_dir / "model")
         result.judge = judge_saved_model(cfg, out_dir)
+        sample_for_report(cfg, out_dir)  # a few samples for the report when nothing judged
         write_health_and_report(out_dir, monitor, report=cfg.output.report)
     result.initial_eval = initial_eval
     tracker.close()
@@ -235,12 +218,17 @@ class _Loop:
     """State of one training invocation; `run()` is the loop, each method one phase of a step."""
 
     def __init__(
-        self, run: RunParts, prepared: Any, state: TrainerState, tracker: Tracker, out_dir: Path
+        self,
+        run: RunParts,
+        prepared: Any,
+        state: TrainerState,
+        tracker: Tracker,
+        out_dir: Path,
+        flag: StopFlag,
     ):
         cfg = run.cfg
         self.run, self.prepared, self.state, self.tracker = run, prepared, state, tracker
-        self.out_dir, self.config_yaml = out_dir, _config_yaml(cfg)
-        self.flag = StopFlag()
+        self.out_dir, self.config_yaml, self.flag = out_dir, _config_yaml(cfg), flag
         self.last: dict[str, float] = {}
         self.last_eval: tuple[int, dict[str, float]] | None = None
         """(step, metrics) of the latest evaluation during training."""
@@ -253,26 +241,39 @@ class _Loop:
         self.saved_step = state.step if state.step else -1  # a resumed step is on disk
 
     def run_all(self) -> TrainResult:
-        batches = _effective_batches(self.run, self.state)
+        batches = effective_batches(self.run, self.state)
         stopped_early = False
-        with stop_on_signals(self.flag):
-            while self.state.step < self.run.total_steps:
-                self.optimizer_step(next(batches))
-                if self.maybe_eval():
-                    stopped_early = True
-                    break
-                self.maybe_checkpoint()
+        self.flag.armed = True
+        while self.state.step < self.run.total_steps:
+            self.optimizer_step(next(batches))
+            if self.maybe_eval():
+                stopped_early = True
+                break
+            self.maybe_checkpoint()
         self.progress.close()
-        return self.finish(stopped_early)
+        self.flag.message = "finishing the final evaluation and saving the model, then stopping"
+        result = self.finish(stopped_early)
+        self.flag.armed = False  # the model is saved: a signal from now on stops at once
+        if self.flag.signal is not None:
+            raise Interrupted(
+                f"interrupted at the end of training (step {self.state.step}); the checkpoint "
+                f"and the final model are saved in {self.out_dir / 'model'}. The reload check, "
+                "judge and report were skipped"
+            )
+        return result
 
     def optimizer_step(self, batch: list[int]) -> None:
         """Micro-batches → finite check → clip → AdamW → schedule → log."""
         run, state = self.run, self.state
         t0 = time.perf_counter()
         values, tokens = _train_step(run, batch, self.prepared)
-        if not _finite(values):
+        if not step_finite(values):
             run.optimizer.zero_grad(set_to_none=True)
-            _handle_non_finite(run, state, batch, values)
+            # Logged like any step, so the health check and the report see it.
+            self.tracker.log({"step": state.step + 1, "split": "train", **values,
+                              "non_finite_step": 1.0})  # fmt: skip
+            handle_non_finite(run, state, batch, values)
+            run.scheduler.step()  # the schedule stays a function of the step count
             _advance(run, state)
             return
         lr = float(run.scheduler.get_last_lr()[0])
@@ -314,6 +315,14 @@ class _Loop:
             return  # the last step was checkpointed by save_every already: write it once
         self.saved_step = self.state.step
         run = self.run
+        # An update can overflow the weights after a finite loss and gradient; a checkpoint of
+        # them would make "the last good checkpoint" a bad one. Every process must agree.
+        if any_process(run.accelerator, not weights_finite(run.model)):
+            raise NonFiniteError(
+                f"step {self.state.step}: the update made some trainable weights NaN/Inf; not "
+                "saving them (the last checkpoint is kept). Lower optim.lr or keep "
+                "optim.max_grad_norm on"
+            )
         engine_state: Path | None = None
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
             weights, engine_state = self._deepspeed_parts()
@@ -364,14 +373,15 @@ class _Loop:
             )
 
     def finish(self, stopped_early: bool) -> TrainResult:
-        """Final eval, checkpoint and model."""
+        """Checkpoint (first: a signal or crash during the final eval then loses nothing),
+        final eval, and the final model."""
+        self.save()
         if self.last_eval is not None and self.last_eval[0] == self.state.step:
             final_eval: dict[str, float] | None = self.last_eval[1]  # early stop just evaluated
         else:
             final_eval = _eval(self.run, self.prepared)
             if final_eval is not None:
                 self.tracker.log({"step": self.state.step, "split": "eval", **final_eval})
-        self.save()
         with whole_weights(self.run.accelerator, self.prepared):  # every process gathers
             if self.main:
                 save_final(self.run, self.out_dir, final_eval or self.last)
@@ -383,22 +393,6 @@ def _advance(run: RunParts, state: TrainerState) -> None:
     state.batch_in_epoch += 1
     if state.batch_in_epoch >= run.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-
-def _handle_non_finite(
-    run: RunParts, state: TrainerState, batch: list[int], values: dict[str, float]
-) -> None:
-    rows = sorted({int(run.data.train[p].index) for p in batch})
-    message = (
-        f"step {state.step + 1}: non-finite loss={values.get('loss')} or "
-        f"grad_norm={values.get('grad_norm')} on source rows {rows}"
-    )
-    if run.cfg.train.on_nan == "skip":
-        state.skipped_steps += 1
-        logger.warning("%s; step skipped (%d so far)", message, state.skipped_steps)
-        return
-    raise NonFiniteError(message + "; stopping (the last checkpoint is kept). "
-                         "Set train.on_nan=skip to skip such steps")  # fmt: skip
 
 
 def _fmt_eval(step: int, ev: dict[str, float]) -> str:
