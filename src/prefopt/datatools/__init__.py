@@ -17,6 +17,7 @@ from prefopt.datatools.clean import CLEAN_DEFAULTS, CleanReport, clean_data
 from prefopt.datatools.convert import ConvertReport, convert_data, to_rows
 from prefopt.datatools.extra_formats import ranked_pairs, shp_pairs, ultrafeedback_pairs
 from prefopt.datatools.loader import ALL_FORMATS, LoadedData, load_data
+from prefopt.datatools.prompts import PromptRows, load_prompt_rows
 from prefopt.datatools.reader import RawRows, read_raw_rows, write_jsonl
 from prefopt.datatools.split import SplitReport, split_data
 
@@ -30,6 +31,7 @@ __all__ = [
     "CleanReport",
     "ConvertReport",
     "LoadedData",
+    "PromptRows",
     "RawRows",
     "SplitReport",
     "audit_data",
@@ -37,6 +39,7 @@ __all__ = [
     "clean_data",
     "convert_data",
     "load_data",
+    "load_prompt_rows",
     "ranked_pairs",
     "read_raw_rows",
     "select_pair",
