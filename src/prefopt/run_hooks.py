@@ -139,8 +139,9 @@ def write_health_and_report(out_dir: Path, monitor: HealthMonitor, *, report: bo
     finished run."""
     findings = [dataclasses.asdict(f) for f in monitor.summary()]
     (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
-    for finding in monitor.summary():
-        logger.warning("health summary: %s", finding)
+    for finding in monitor.summary():  # an "info" note (e.g. a check that could not run) is
+        level = logging.INFO if finding.severity == "info" else logging.WARNING  # no warning
+        logger.log(level, "health summary: %s", finding)
     if not report:
         return
     try:
