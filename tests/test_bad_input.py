@@ -24,6 +24,9 @@ import pytest
 import prefopt.models
 import prefopt.run_setup
 from prefopt.cli import EXIT_ERROR, main
+from prefopt.config_io import load_config
+from prefopt.models import load_tokenizer
+from prefopt.pipeline import prepare_data, write_data_summary
 from toy import make_tokenizer
 from toy_models import learnable_pairs, make_model, save_toy_model, write_jsonl
 
@@ -380,19 +383,48 @@ def test_on_error_skip_drops_and_counts_bad_rows(
         {**GOOD[1], "chosen": 7},  # 11: wrong type
     ]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
+    with data.open("ab") as fh:  # lines that cannot be parsed at all:
+        fh.write(b'{"prompt": "say hello", "chosen": \n')  # 12: invalid JSON
+        fh.write(b'{"prompt": "caf\xe9", "chosen": " a .", "rejected": " b ."}\n')  # 13: not UTF-8
+        fh.write((json.dumps(GOOD[2]) + "\n").encode())  # 14: fine, and still called row 14
     caplog.set_level(logging.INFO, logger="prefopt")
     status, err = train_cli(
         capsys, model_dir, data, tmp_path / "out", "data.on_error=skip", "train.max_steps=1"
     )
     assert status == 0, err
     log = caplog.text
-    # Reading drops rows 4, 5 and 11; tokenizing drops row 10 (and rows 6-9 repeat rows 0-3).
-    assert "12 rows read, 9 kept" in log
+    # Reading drops rows 4, 5, 11, 12 and 13; tokenizing drops row 10 (rows 6-9 repeat 0-3).
+    assert "15 rows read, 10 kept" in log
     assert "dropped 1 (rejected: missing column): rows 4" in log
     assert "dropped 1 (prompt: empty text): rows 5" in log
     assert "dropped 1 (chosen: expected text, got a number): rows 11" in log
-    assert "tokenized 9 rows: 8 kept" in log
+    assert "dropped 1 (invalid JSON): rows 12" in log
+    assert "dropped 1 (text is not valid UTF-8): rows 13" in log
+    assert "tokenized 10 rows: 9 kept" in log
     assert "dropped 1 (identical_responses): rows 10" in log
+    # The same counts, for the report: data_summary.json.
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", f"data.train={data}",
+                             "data.on_error=skip", "data.eval_fraction=0.25"])  # fmt: skip
+    summary = json.loads(
+        write_data_summary(prepare_data(cfg, load_tokenizer(cfg.model)), tmp_path).read_text()
+    )
+    assert set(summary) == {"train", "eval"}
+    train = summary["train"]
+    assert (train["format"], train["rows_read"], train["truncated"]) == ("standard", 15, 0)
+    assert train["pairs_kept"] + summary["eval"]["pairs_kept"] == 9  # held out, then tokenized
+    dropped = {**train["dropped"]}
+    for reason, count in summary["eval"]["dropped"].items():
+        dropped[reason] = dropped.get(reason, 0) + count
+    assert dropped == {
+        "rejected: missing column": 1,
+        "prompt: empty text": 1,
+        "chosen: expected text, got a number": 1,
+        "invalid JSON": 1,
+        "text is not valid UTF-8": 1,
+        "identical_responses": 1,
+    }
+    assert "15 rows read, 10 kept" in train["notes"][0]
+    assert summary["eval"]["rows_read"] == 3  # a quarter of the 10 usable rows, held out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from prefopt.config import ModelConfig
 from prefopt.config_io import load_config
 from prefopt.errors import PrefoptError
 from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.pipeline import prepare_data, write_data_summary
 from prefopt.step import StepOutput
 from prefopt.trainer import NonFiniteError, TrainResult, train
 from toy_models import learnable_pairs, save_toy_model, write_jsonl
@@ -391,6 +392,22 @@ def test_real_file_size_limit_is_a_clear_error_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .tmp-* left
     assert {p.name: p.read_bytes() for p in step1.iterdir()} == before
     assert resolve_resume(root, "latest") == step1
+
+
+def test_data_summary_without_eval_data_and_its_write_failure(
+    assets: dict[str, Path], tmp_path: Path
+):
+    cfg = load_config(None, base_args(assets, tmp_path / "out", "data.max_pairs=20"))
+    data = prepare_data(cfg, load_tokenizer(cfg.model))
+    path = write_data_summary(data, tmp_path)
+    summary = json.loads(path.read_text())
+    assert summary["eval"] is None
+    assert summary["train"]["rows_read"] == 24 and summary["train"]["pairs_kept"] == 20
+    assert "data.max_pairs=20: used the first 20 of 24 usable rows" in summary["train"]["notes"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "blocked").write_text("a file where the folder should be")
+    with pytest.raises(PrefoptError, match="could not write .*blocked/data_summary.json"):
+        write_data_summary(data, tmp_path / "blocked")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,19 +6,24 @@ seconds rather than after minutes of model loading.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefopt.config import ExperimentConfig
 from prefopt.data import ColumnMap, load_preference_data, split_eval
 from prefopt.data.records import PreferencePair, UnpairedExample
-from prefopt.errors import ConfigError, TokenizationError
+from prefopt.errors import ConfigError, PrefoptError, TokenizationError
 from prefopt.loss_registry import LOSSES
 from prefopt.sft import load_sft_rows, tokenize_sft_rows
 from prefopt.tokenize import (
     TokenizedExample,
     TokenizedPair,
+    TokenizeReport,
     tokenize_examples,
     tokenize_pairs,
 )
@@ -38,6 +43,7 @@ class PreparedData:
         unpaired: True for unpaired (KTO) data.
         format: Detected format of the training file.
         notes: Human-readable lines about loading/tokenization (drops, truncation).
+        summary: The same as counts per split, what `write_data_summary` writes.
     """
 
     train: Tokenized
@@ -45,6 +51,7 @@ class PreparedData:
     unpaired: bool
     format: str
     notes: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def paired(self) -> bool:
@@ -63,7 +70,7 @@ def _columns(cfg: ExperimentConfig) -> ColumnMap:
     )
 
 
-def _load(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
+def _load(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str, dict[str, Any]]:
     examples, report = load_preference_data(
         source,
         format=cfg.data.format,
@@ -71,7 +78,27 @@ def _load(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
         split=cfg.data.split,
         on_error=cfg.data.on_error,
     )
-    return list(examples), report.format, report.summary()
+    counts = _counts(report.format, report.rows_read, report.dropped)
+    return list(examples), report.format, report.summary(), counts
+
+
+def _counts(fmt: str, rows_read: int, dropped: dict[str, list[int]]) -> dict[str, Any]:
+    """A split's entry of data_summary.json so far (see `write_data_summary`)."""
+    return {
+        "format": fmt,
+        "rows_read": rows_read,
+        "pairs_kept": 0,
+        "dropped": {reason: len(rows) for reason, rows in dropped.items()},
+        "truncated": 0,
+        "notes": [],
+    }
+
+
+def _add_tokenized(counts: dict[str, Any], report: TokenizeReport, kept: int, note: str) -> None:
+    for reason, rows in report.dropped.items():
+        counts["dropped"][reason] = counts["dropped"].get(reason, 0) + len(rows)
+    counts["pairs_kept"], counts["truncated"] = kept, len(report.truncated)
+    counts["notes"].append(note)
 
 
 def _check_loss_fits(cfg: ExperimentConfig, unpaired: bool, fmt: str) -> None:
@@ -92,7 +119,7 @@ def _check_loss_fits(cfg: ExperimentConfig, unpaired: bool, fmt: str) -> None:
 
 def _tokenize(
     cfg: ExperimentConfig, tokenizer: Any, examples: list[Any], source: str
-) -> tuple[Tokenized, str]:
+) -> tuple[Tokenized, TokenizeReport]:
     try:
         return _tokenize_rows(cfg, tokenizer, examples)
     except TokenizationError as error:
@@ -106,7 +133,7 @@ def _tokenize(
 
 def _tokenize_rows(
     cfg: ExperimentConfig, tokenizer: Any, examples: list[Any]
-) -> tuple[Tokenized, str]:
+) -> tuple[Tokenized, TokenizeReport]:
     kwargs: dict[str, Any] = {
         "max_length": cfg.data.max_length,
         "max_prompt_length": cfg.data.max_prompt_length,
@@ -117,13 +144,13 @@ def _tokenize_rows(
         # SFT: label None marks the rows for the step function; every assistant turn is scored.
         tokenize = tokenize_sft_rows if cfg.data.sft else tokenize_examples
         tokens, report = tokenize(examples, tokenizer, **kwargs)
-        return tokens, report.summary()
+        return tokens, report
     pairs: list[PreferencePair] = examples
     tok_pairs, report = tokenize_pairs(pairs, tokenizer, **kwargs)
-    return tok_pairs, report.summary()
+    return tok_pairs, report
 
 
-def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
+def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str, dict[str, Any]]:
     """SFT rows as UnpairedExample(label=True) so splitting/tokenizing reuse the same code."""
     rows, skipped = load_sft_rows(
         source, split=cfg.data.split, on_error=cfg.data.on_error, columns=_columns(cfg),
@@ -133,7 +160,8 @@ def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str]:
     note = f"{source}: format 'sft', {len(rows) + len(skipped)} rows read, {len(rows)} kept"
     if skipped:
         note += f"; skipped {len(skipped)} bad rows: {skipped[:10]}"
-    return examples, "sft", note
+    counts = _counts("sft", len(rows) + len(skipped), {"bad row": skipped} if skipped else {})
+    return examples, "sft", note, counts
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
@@ -144,31 +172,77 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
 
 
 def _prepare(cfg: ExperimentConfig, tokenizer: Any, load: Any) -> PreparedData:
-    train_ex, fmt, load_note = load(cfg, cfg.data.train)
-    if cfg.data.max_pairs is not None:
+    train_ex, fmt, load_note, train_counts = load(cfg, cfg.data.train)
+    train_counts["notes"].append(load_note)
+    if cfg.data.max_pairs is not None and len(train_ex) > cfg.data.max_pairs:
+        train_counts["notes"].append(
+            f"data.max_pairs={cfg.data.max_pairs}: used the first {cfg.data.max_pairs} of "
+            f"{len(train_ex)} usable rows"
+        )
         train_ex = train_ex[: cfg.data.max_pairs]
     unpaired = bool(train_ex) and isinstance(train_ex[0], UnpairedExample)
     if not cfg.data.sft:
         _check_loss_fits(cfg, unpaired, fmt)
     notes = [load_note]
     eval_ex: list[Any] | None = None
+    eval_counts: dict[str, Any] | None = None
     if cfg.data.eval is not None:
-        eval_ex, _, eval_note = load(cfg, cfg.data.eval)
+        eval_ex, _, eval_note, eval_counts = load(cfg, cfg.data.eval)
+        eval_counts["notes"].append(eval_note)
         notes.append(eval_note)
     elif cfg.data.eval_fraction > 0:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
-        notes.append(f"held out {len(eval_ex)} of the training rows for evaluation")
-    train_tok, train_note = _tokenize(cfg, tokenizer, train_ex, cfg.data.train)
-    notes.append("train: " + train_note)
+        held = f"held out {len(eval_ex)} of the training rows for evaluation"
+        notes.append(held)
+        train_counts["notes"].append(held)
+        eval_counts = _counts(fmt, len(eval_ex), {})
+        eval_counts["notes"].append(f"{held} (from {cfg.data.train})")
+    train_tok, train_report = _tokenize(cfg, tokenizer, train_ex, cfg.data.train)
+    notes.append("train: " + train_report.summary())
+    _add_tokenized(train_counts, train_report, len(train_tok), notes[-1])
     eval_tok: Tokenized | None = None
     if eval_ex:
-        eval_tok, eval_note = _tokenize(cfg, tokenizer, eval_ex, cfg.data.eval or cfg.data.train)
-        notes.append("eval: " + eval_note)
+        eval_source = cfg.data.eval or cfg.data.train
+        eval_tok, eval_report = _tokenize(cfg, tokenizer, eval_ex, eval_source)
+        notes.append("eval: " + eval_report.summary())
+        assert eval_counts is not None
+        _add_tokenized(eval_counts, eval_report, len(eval_tok), notes[-1])
     if not train_tok:
         raise ConfigError(f"no usable training rows in {cfg.data.train}:\n" + "\n".join(notes))
     for line in notes:
         logger.info(line)
-    return PreparedData(train_tok, eval_tok, unpaired, fmt, notes)
+    summary = {"train": train_counts, "eval": eval_counts}
+    return PreparedData(train_tok, eval_tok, unpaired, fmt, notes, summary)
+
+
+def write_data_summary(data: PreparedData, out_dir: Path) -> Path:
+    """Write what data preparation read, kept and dropped to `out_dir/data_summary.json`.
+
+    Schema (`"eval"` is null without eval data)::
+
+        {"train": {"format": str,          # detected format ("standard", "sft", ...)
+                   "rows_read": int,       # rows in the source file
+                   "pairs_kept": int,      # examples (pairs, or KTO/SFT rows) after tokenizing
+                   "dropped": {reason: int},   # rows dropped per reason (data.on_error=skip):
+                                               # reading, normalising and tokenizing together
+                   "truncated": int,       # kept rows cut to data.max_length
+                   "notes": [str]},        # the log lines about loading and tokenizing
+         "eval": {...the same...} | null}
+
+    For eval held out of the training file (data.eval_fraction), `rows_read` counts the rows
+    held out, and the training rows counted as read include them. The file is replaced
+    atomically; a failed write is a `PrefoptError`.
+    """
+    path = out_dir / "data_summary.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data.summary, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise PrefoptError(f"could not write {path}: {exc}") from None
+    return path
 
 
 def example_length(example: TokenizedPair | TokenizedExample) -> int:
