@@ -37,6 +37,7 @@ from prefopt.errors import PrefoptError
 from prefopt.models import load_causal_lm, load_tokenizer
 from prefopt.pipeline import prepare_data, write_data_summary
 from prefopt.step import StepOutput
+from prefopt.tracking import Tracker
 from prefopt.trainer import NonFiniteError, TrainResult, train
 from toy_models import learnable_pairs, save_toy_model, write_jsonl
 
@@ -392,6 +393,15 @@ def test_real_file_size_limit_is_a_clear_error_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .tmp-* left
     assert {p.name: p.read_bytes() for p in step1.iterdir()} == before
     assert resolve_resume(root, "latest") == step1
+
+
+def test_metrics_append_failure_is_a_clear_error(tmp_path: Path):
+    tracker = Tracker(tmp_path, ["jsonl"], {})
+    tracker.log({"step": 1, "split": "train", "loss": 0.5})
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()  # the append now fails with an OSError
+    with pytest.raises(PrefoptError, match="could not append to .*metrics.jsonl"):
+        tracker.log({"step": 2, "split": "train", "loss": 0.4})
 
 
 def test_data_summary_without_eval_data_and_its_write_failure(
