@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from prefopt.bundled import INSTALL_HINT, bundled_model_dir, is_bundled
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import save_config
@@ -71,10 +73,13 @@ def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:
     try:
         model.save_pretrained(str(target), safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own type
         raise PrefoptError(f"could not save the final model to {target}: {exc}") from None
-    (target / "README.md").write_text(model_card(cfg, metrics, target), encoding="utf-8")
-    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    try:
+        (target / "README.md").write_text(model_card(cfg, metrics, target), encoding="utf-8")
+        (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    except OSError as exc:  # disk full, file size limit: one clear line, not a traceback
+        raise PrefoptError(f"could not write the model card or final metrics: {exc}") from None
     logger.info("final model saved to %s", target)
     return target
 
