@@ -395,6 +395,24 @@ def test_real_file_size_limit_is_a_clear_error_and_keeps_the_last_checkpoint(
     assert resolve_resume(root, "latest") == step1
 
 
+def test_final_model_card_write_failure_is_one_clear_line(
+    assets: dict[str, Path], tmp_path: Path, capsys, monkeypatch
+):
+    real = Path.write_text
+
+    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "README.md" and self.parent.name == "model":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    status = main(["train", *base_args(assets, tmp_path / "out", "train.max_steps=1")])
+    err = capsys.readouterr().err
+    assert status == EXIT_ERROR and "Traceback" not in err, err
+    assert "prefopt: error: could not write the model card or final metrics" in err
+    assert resolve_resume(tmp_path / "out" / "checkpoints", "latest").name == "step-000001"
+
+
 def test_metrics_append_failure_is_a_clear_error(tmp_path: Path):
     tracker = Tracker(tmp_path, ["jsonl"], {})
     tracker.log({"step": 1, "split": "train", "loss": 0.5})
