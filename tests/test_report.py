@@ -22,13 +22,21 @@ ALL_PLOTS = {f"{spec.name}.png" for spec in PLOTS}
 EVAL_PLOTS = {"loss.png", "rewards.png", "accuracies.png", "logps.png"}
 
 
+BAD_ROW = {
+    "prompt": [{"role": "user", "content": "p"}],
+    "chosen": [{"role": "assistant", "content": ""}],  # empty response: dropped under skip
+    "rejected": [{"role": "assistant", "content": "no"}],
+}
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 4-step training run with evals at steps 0, 2 and 4."""
     root = tmp_path_factory.mktemp("report_run")
     overrides = [
         f"model.name_or_path={save_toy_model(root / 'model')}",
-        f"data.train={write_jsonl(root / 'train.jsonl', learnable_pairs(16, seed=0))}",
+        f"data.train={write_jsonl(root / 'train.jsonl', learnable_pairs(16, seed=0) + [BAD_ROW])}",
+        "data.on_error=skip",  # the bad row is dropped and counted: the report's Data section
         f"data.eval={write_jsonl(root / 'eval.jsonl', learnable_pairs(4, seed=1))}",
         f"output.dir={root / 'out'}",
         "optim.lr=1e-2",
@@ -76,6 +84,12 @@ def test_report_of_a_real_run(run_dir: Path):
     assert "Final metrics" in page and "rewards/margins" in page
     assert "config.yaml" in page and "max_grad_norm" in page  # the config is shown
     assert "No problems found" in page
+    # Data: what was read, kept and dropped (data_summary.json), the empty response counted.
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert summary["train"]["rows_read"] == 17 and summary["train"]["pairs_kept"] == 16
+    assert sum(summary["train"]["dropped"].values()) == 1
+    assert "<h2>Data</h2>" in page
+    assert re.search(r"<td>train</td><td>conversational</td><td>17</td><td>16</td><td>1</td>", page)
     # Samples: every text escaped, the answers side by side after the prompt.
     assert "<script>" not in page and "<b>ok</b>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page

@@ -136,4 +136,5 @@ def test_non_finite_steps_reach_health_and_report(
     assert kinds["non_finite"]["severity"] == "error"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("non_finite_step") == 1.0 for r in records)
-    assert (out / "report" / "index.html").exists()
+    page = (out / "report" / "index.html").read_text()
+    assert "non-finite training step(s)" in page

@@ -51,7 +51,10 @@ def prepare_output_dir(cfg: ExperimentConfig) -> Path:
 
 # What a run writes into its folder; overwrite=true removes these (and nothing else the user put
 # there), so no file of the old run (a stale judge.json, old checkpoints) mixes into the new one.
-_RUN_FILES = ("metrics.jsonl", "final_metrics.json", "health.json", "judge.json", "samples.jsonl")
+_RUN_FILES = (
+    "metrics.jsonl", "final_metrics.json", "health.json", "judge.json", "samples.jsonl",
+    "data_summary.json",
+)  # fmt: skip
 _RUN_DIRS = ("checkpoints", "model", "report", "tensorboard")
 
 

@@ -17,6 +17,7 @@ from typing import Any, cast, get_args
 
 from prefopt.errors import PrefoptError
 from prefopt.health import SEVERITY_ORDER, Finding, Kind, Severity, as_float, check_history
+from prefopt.report_data import DATA_SUMMARY_FILE, data_section
 from prefopt.report_judge import judge_section, sample_row
 from prefopt.report_plots import write_plots
 from prefopt.tracking import read_metrics
@@ -54,6 +55,7 @@ def write_report(output_dir: Path, *, samples: list[dict] | None = None) -> Path
     config_text, config = _read_config(output_dir / "config.yaml")
     final = _read_json(output_dir / "final_metrics.json")
     judge = _read_json(output_dir / "judge.json")
+    data_summary = _read_json(output_dir / DATA_SUMMARY_FILE)
     if samples is None and (output_dir / "samples.jsonl").is_file():
         samples = [sample_row(s) for s in read_samples(output_dir / "samples.jsonl")]
     findings = _merge(check_history(records), _saved_findings(output_dir / HEALTH_FILE))
@@ -64,8 +66,9 @@ def write_report(output_dir: Path, *, samples: list[dict] | None = None) -> Path
     max_norm = as_float(_get(config, "optim", "max_grad_norm"))
     plots = write_plots(records, folder, max_grad_norm=max_norm)
     page = render_html(
-        output_dir, records, config, config_text, final, findings, plots, samples or [], judge
-    )
+        output_dir, records, config, config_text, final, findings, plots, samples or [], judge,
+        data_summary,
+    )  # fmt: skip
     index = folder / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
@@ -200,6 +203,7 @@ def render_html(
     plots: Sequence[tuple[str, str]],
     samples: Sequence[dict[str, Any]],
     judge: dict[str, Any] | None = None,
+    data_summary: dict[str, Any] | None = None,
 ) -> str:
     """The whole index.html as a string (self-contained apart from the PNGs beside it)."""
     body = [
@@ -207,6 +211,7 @@ def render_html(
         _health(findings),
         judge_section(judge or {}),
         _metrics(records, final),
+        data_section(data_summary or {}, records),
         _plots(plots),
         _samples(samples),
         _config(config_text),
@@ -228,7 +233,7 @@ def _header(output_dir: Path, records: Sequence[dict[str, Any]], config: dict[st
         ("model", _get(config, "model", "name_or_path")),
         ("data", _get(config, "data", "train")),
         ("loss", " + ".join(map(str, loss)) if isinstance(loss, list) else loss),
-        ("beta", _get(config, "loss", "beta")),
+        ("beta", None if loss in ("sft", ["sft"]) else _get(config, "loss", "beta")),
         ("learning rate", _get(config, "optim", "lr")),
         ("steps logged", max((r.get("step", 0) for r in train), default=0)),
         ("evaluations", sum(1 for r in records if r.get("split") == "eval")),

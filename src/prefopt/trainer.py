@@ -34,6 +34,7 @@ from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.final_judge import check_judge_setup
 from prefopt.metrics import MetricAccumulator
 from prefopt.output import prepare_output_dir, save_final
+from prefopt.pipeline import write_data_summary
 from prefopt.report_samples import sample_for_report
 from prefopt.run_hooks import (
     check_reference_at_start,
@@ -173,6 +174,8 @@ def _train(cfg: ExperimentConfig, flag: StopFlag) -> TrainResult:
         out_dir = prepare_output_dir(cfg)
     acc.wait_for_everyone()
     run = build_run(cfg, acc)
+    if acc.is_main_process:  # what was read, kept and dropped: for the report
+        write_data_summary(run.data, out_dir)
     prepared, run.optimizer = acc.prepare(run.scorer, run.optimizer)
     prepare_reference(run)
     state = TrainerState()
