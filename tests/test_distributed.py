@@ -289,6 +289,19 @@ def test_deepspeed_settings_are_filled_from_the_prefopt_config(
     assert ds["train_batch_size"] == 3 * 2  # the micro-batch on each of the 2 processes
 
 
+def test_on_nan_skip_is_refused_under_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from prefopt.sharding import configure_accelerator
+
+    for key, value in launcher_env("deepspeed_zero2").items():
+        monkeypatch.setenv(key, value)
+    acc = fake_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=DeepSpeedPlugin())
+    acc.num_processes = 2
+    with pytest.raises(ConfigError, match="train.on_nan=skip does not work under DeepSpeed"):
+        configure_accelerator(acc, load_config(None, ["train.on_nan=skip"]))
+
+
 def test_fsdp_version_1_is_refused() -> None:
     from accelerate.utils import DistributedType
 

@@ -116,6 +116,16 @@ def wait_for_steps(proc: subprocess.Popen[str], out: Path, steps: int) -> None:
         time.sleep(0.005)
 
 
+def wait_for_checkpoint(proc: subprocess.Popen[str], root: Path) -> None:
+    """Poll until one complete checkpoint is in `root`."""
+    deadline = time.monotonic() + WAIT_S
+    while not (root.is_dir() and list_checkpoints(root)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no complete checkpoint in {root}")
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_finishes_step_saves_checkpoint_and_exits_130(
     assets: dict[str, Path], tmp_path: Path, sig: signal.Signals
@@ -141,10 +151,13 @@ def test_kill_9_then_resume_equals_uninterrupted_run(assets: dict[str, Path], tm
     steps = 10
     common = (f"train.max_steps={steps}", "output.save_every=1", "optim.scheduler=cosine")
     rng = random.Random()
-    kill_after, delay = rng.randint(1, steps - 4), rng.uniform(0, 0.05)
+    kill_after, delay = rng.randint(2, steps - 4), rng.uniform(0, 0.05)
     killed = tmp_path / "killed"
     proc = start_cli(base_args(assets, killed, *common))
     wait_for_steps(proc, killed, kill_after)
+    # Step 1's checkpoint must be complete first: a kill before any checkpoint exists leaves
+    # nothing to resume (resume=latest then says so), which is not what this test is about.
+    wait_for_checkpoint(proc, killed / "checkpoints")
     time.sleep(delay)  # land anywhere: mid-step or mid-checkpoint
     proc.kill()
     proc.wait(timeout=WAIT_S)

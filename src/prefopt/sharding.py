@@ -55,6 +55,12 @@ def configure_accelerator(accelerator: Accelerator, cfg: ExperimentConfig) -> No
             )
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
+    if cfg.train.on_nan == "skip":
+        raise ConfigError(
+            "train.on_nan=skip does not work under DeepSpeed: the engine applies the update "
+            "inside backward, before prefopt sees the loss, so a non-finite step cannot be "
+            "skipped. Use train.on_nan=stop (the last checkpoint is kept)"
+        )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     # We feed no DataLoader to accelerate, so it cannot infer the micro-batch; and the loop does
     # its own accumulation (one backward per micro-batch, loss already divided by the global pair
