@@ -231,6 +231,15 @@ def test_settings_that_cannot_apply_to_sft_are_refused(tmp_path: Path):
             prepared(tmp_path, rows, setting)
 
 
+def test_kto_rows_are_refused_not_imitated(tmp_path: Path):
+    """prompt/completion/label rows read as prompt + completion would train on the undesirable
+    completions too: the row and its label field are named instead."""
+    rows = [{"prompt": "hi", "completion": "hello .", "label": True},
+            {"prompt": "hi", "completion": "go away .", "label": False}]  # fmt: skip
+    with pytest.raises(DataError, match=r"row 0, field 'label': .*as KTO data does"):
+        prepared(tmp_path, rows)
+
+
 def test_format_selects_how_rows_are_read(tmp_path: Path):
     text = [{"prompt": "hi", "response": "hello ."}]
     chat = [{"messages": [user("hi"), assistant("hello .")]}]

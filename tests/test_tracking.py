@@ -114,6 +114,16 @@ def test_progress_bar_counts_steps(capsys: pytest.CaptureFixture[str]) -> None:
     assert "2/4" in err and "loss=0.2500" in err and "acc=1.00" in err
 
 
+def test_progress_shows_only_the_metrics_the_loss_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """SFT logs no rewards: its step line shows loss and perplexity, never "acc nan"."""
+    progress = Progress(total=1, initial=0, enabled=False)
+    with caplog.at_level(logging.INFO, logger="prefopt.tracking"):
+        progress.update({"loss": 0.5, "perplexity": 1.6487})
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step "))
+    assert line.startswith("step 1/1  loss 0.5000  ppl 1.65  (")
+    assert "nan" not in line and "acc" not in line
+
+
 def test_wandb_gets_the_config_every_record_and_finish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -109,6 +109,13 @@ def _sft_row(
             "set data.format=implicit_prompt or hh",
             columns.prompt,
         )
+    if columns.label in row:  # KTO rows: SFT would imitate the undesirable completions too
+        raise ctx.error(
+            f"the row has a '{columns.label}' column, as KTO data does; SFT would imitate the "
+            f"undesirable completions too. Keep only the rows with {columns.label}=true and "
+            "drop the column",
+            columns.label,
+        )
     candidates = _response_columns(columns)
     column = next((c for c in candidates if c in row), None)
     if column is None:

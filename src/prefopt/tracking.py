@@ -126,6 +126,17 @@ def _end_torn_line(path: Path) -> None:
                 fh.write("\n")
 
 
+_SHOWN = (
+    ("loss", "loss", "%.4f"),
+    ("rewards/accuracies", "acc", "%.2f"),
+    ("rewards/margins", "margin", "%.3f"),
+    ("kl", "kl", "%.3f"),
+    ("perplexity", "ppl", "%.2f"),
+)
+"""(metric, short name, format) shown per step, where the loss logs that metric: preference
+losses log rewards, KTO its KL estimate, SFT a perplexity; a missing one is left out, not nan."""
+
+
 class Progress:
     """A tqdm bar over optimizer steps showing loss, accuracy, margin and ETA. Without the bar
     (`output.progress=false`, logs to a file) the same goes to the log every tenth of the run."""
@@ -147,19 +158,17 @@ class Progress:
                 self._log_line(metrics)
             return
         self._bar.set_postfix(
-            loss=f"{metrics.get('loss', math.nan):.4f}",
-            acc=f"{metrics.get('rewards/accuracies', math.nan):.2f}",
-            margin=f"{metrics.get('rewards/margins', math.nan):.3f}",
+            {name: fmt % metrics[key] for key, name, fmt in _SHOWN if key in metrics},
             refresh=False,
         )
         self._bar.update(1)
 
     def _log_line(self, metrics: dict[str, float]) -> None:
         per_step = (time.perf_counter() - self.start) / max(1, self.step - self.initial)
+        shown = "  ".join(f"{name} {fmt % metrics[key]}" for key, name, fmt in _SHOWN
+                          if key in metrics)  # fmt: skip
         logger.info(
-            "step %d/%d  loss %.4f  acc %.2f  margin %.3f  (%.1f s/step, %.0f s left)",
-            self.step, self.total, metrics.get("loss", math.nan),
-            metrics.get("rewards/accuracies", math.nan), metrics.get("rewards/margins", math.nan),
+            "step %d/%d  %s  (%.1f s/step, %.0f s left)", self.step, self.total, shown,
             per_step, per_step * (self.total - self.step),
         )  # fmt: skip
 
