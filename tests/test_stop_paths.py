@@ -72,7 +72,7 @@ def test_signal_during_the_final_eval_keeps_checkpoint_and_model(
     common = ("train.max_steps=3", "data.eval_fraction=0.25")
     with pytest.raises(Interrupted, match="interrupted at the end of training .step 3.") as err:
         run(assets, out, *common)
-    assert "final model are saved" in str(err.value)
+    assert "and the final model in" in str(err.value)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000003"]
     assert (out / "model").is_dir()
     monkeypatch.undo()

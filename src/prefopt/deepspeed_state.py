@@ -11,8 +11,10 @@ records it, and anything else is refused with that message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,22 @@ def start_deepspeed_on_cpu() -> None:
     from accelerate import PartialState
 
     PartialState(cpu=False, backend="gloo")
+
+
+@contextlib.contextmanager
+def single_process_loading() -> Iterator[None]:
+    """Load models as one plain process inside a DeepSpeed run (the main process's reload
+    check, judge and samples after training): under ZeRO-3, transformers would otherwise
+    load them partitioned (deepspeed.zero.Init), a collective the other processes never join,
+    and the run would hang."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def engine_dir(checkpoint: Path) -> Path:

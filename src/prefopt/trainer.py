@@ -28,7 +28,7 @@ from prefopt.checkpoint import (
 )
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
-from prefopt.deepspeed_state import save_engine_state
+from prefopt.deepspeed_state import save_engine_state, single_process_loading
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.final_judge import check_judge_setup
@@ -201,13 +201,17 @@ def _train(cfg: ExperimentConfig, flag: StopFlag) -> TrainResult:
             write_health_and_report(out_dir, monitor, report=cfg.output.report)
         tracker.close()
         raise
-    if acc.is_main_process:
-        check_saved_model_loads(cfg, out_dir / "model")
-        result.judge = judge_saved_model(cfg, out_dir)
-        sample_for_report(cfg, out_dir)  # a few samples for the report when nothing judged
-        write_health_and_report(out_dir, monitor, report=cfg.output.report)
+    try:
+        if acc.is_main_process:
+            with single_process_loading():
+                check_saved_model_loads(cfg, out_dir / "model")
+                result.judge = judge_saved_model(cfg, out_dir)
+                sample_for_report(cfg, out_dir)  # a few samples when nothing was judged
+    finally:  # a model that does not load back still gets its health and report
+        if acc.is_main_process:
+            write_health_and_report(out_dir, monitor, report=cfg.output.report)
+        tracker.close()
     result.initial_eval = initial_eval
-    tracker.close()
     return result
 
 
@@ -260,8 +264,8 @@ class _Loop:
         if self.flag.signal is not None:
             raise Interrupted(
                 f"interrupted at the end of training (step {self.state.step}); the checkpoint "
-                f"and the final model are saved in {self.out_dir / 'model'}. The reload check, "
-                "judge and report were skipped"
+                f"is saved in {self.out_dir / 'checkpoints'} and the final model in "
+                f"{self.out_dir / 'model'}. The reload check, judge and report were skipped"
             )
         return result
 
