@@ -354,6 +354,22 @@ def test_write_error_leaves_no_partial_checkpoint(
     assert list_checkpoints(tmp_path) == [earlier]
 
 
+def test_a_runtime_error_that_is_not_a_write_failure_is_not_called_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only torch's write errors mean "disk full"; another RuntimeError (say a CUDA error
+    while copying the state) propagates as itself, and no temporary folder is left."""
+    model = make_model("llama")
+
+    def broken_save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _save(tmp_path, model, step=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_clears_the_previous_runs_files_only(tmp_path: Path) -> None:
     """overwrite=true: nothing of the old run (stale judge.json, old checkpoints) mixes into the
     new one, and files the user put in the folder stay."""
@@ -389,3 +405,14 @@ def test_engine_state_is_moved_in_instead_of_optimizer_pt(tmp_path: Path) -> Non
     assert list_checkpoints(tmp_path / "ckpts") == [path]  # complete without optimizer.pt
     with pytest.raises(PrefoptError, match="written under DeepSpeed"):
         load_checkpoint(path, model, optimizer, scheduler)  # no engine to load it into
+
+
+def test_an_adapter_folder_without_its_base_named_is_a_clear_error(tmp_path: Path) -> None:
+    from prefopt.output import adapter_base
+
+    assert adapter_base(tmp_path) is None  # a full model folder
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    with pytest.raises(PrefoptError, match="does not name its base model"):
+        adapter_base(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
+    assert adapter_base(tmp_path) == "org/base"

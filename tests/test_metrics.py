@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from prefopt.losses import LossOutput, PairLogps
-from prefopt.metrics import TIE_TOLERANCE, MetricAccumulator, pair_metrics, reward_accuracy
+from prefopt.metrics import (
+    TIE_TOLERANCE,
+    MetricAccumulator,
+    pair_metrics,
+    reward_accuracy,
+    tie_band,
+)
 
 
 def test_reward_accuracy_counts_ties_as_half() -> None:
@@ -40,6 +46,25 @@ def test_untrained_policy_with_noisy_rewards_reads_one_half() -> None:
     chosen, rejected = 0.1 * (noisy[:32] - logps[:32]), 0.1 * (noisy[32:] - logps[32:])
     assert (chosen != rejected).all()  # exact equality would call none of them ties
     assert reward_accuracy(chosen, rejected).mean().item() == 0.5
+
+
+def test_long_responses_summed_in_another_order_still_tie() -> None:
+    """1,500 float32 token log-probs summed in two orders (a precomputed or prefix-shared
+    reference): the sums differ by up to ~1e-4 nats, above a fixed 1e-6 even at β = 0.1, but
+    within the band that grows with the log-probs, so the untrained policy reads 0.5."""
+    g = torch.Generator().manual_seed(0)
+    tokens = -4 * torch.rand(8, 1500, generator=g)  # [B, T] float32 token log-probs
+    policy = tokens.sum(-1)  # [B]
+    reference = tokens.flip(-1).cumsum(-1)[:, -1]  # [B] same numbers, other order
+    assert (policy != reference).any()
+    beta = 1.0
+    logps = PairLogps(policy[:4], policy[4:], ref_chosen=reference[:4], ref_rejected=reference[4:])
+    chosen = beta * (logps.policy_chosen - reference[:4])
+    rejected = beta * (logps.policy_rejected - reference[4:])
+    assert (reward_accuracy(chosen, rejected) != 0.5).any()  # a fixed 1e-6 band fails here
+    assert reward_accuracy(chosen, rejected, tie_band(logps)).tolist() == [0.5] * 4
+    # A real margin of 0.05 is still a win.
+    assert reward_accuracy(chosen + 0.05, rejected, tie_band(logps)).tolist() == [1.0] * 4
 
 
 def test_accumulator_over_two_adds_equals_mean_of_concatenation() -> None:

@@ -49,6 +49,22 @@ def test_first_distinct_held_out_prompts(assets: dict[str, Path]) -> None:
     assert heldout_prompts(load_config(None, [f"data.train={assets['train']}"]), 4) == []
 
 
+def test_renamed_columns_are_read_as_training_reads_them(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """data.columns applies to the held-out prompts too, for pairs and for SFT rows."""
+    rows = [json.loads(x) for x in assets["eval"].read_text().splitlines()]
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
+    path = write_jsonl(tmp_path / "renamed.jsonl", renamed)
+    columns = ["data.columns.prompt=question", "data.columns.chosen=good"]
+    cfg = load_config(None, [f"data.train={assets['train']}", f"data.eval={path}", *columns,
+                             "data.columns.rejected=bad"])  # fmt: skip
+    assert as_json(heldout_prompts(cfg, 2)) == [r["prompt"] for r in rows][:2]
+    sft = load_config(None, [f"data.train={assets['train']}", f"data.eval={path}", *columns,
+                             "data.sft=true", "loss.name=sft"])  # fmt: skip
+    assert as_json(heldout_prompts(sft, 2)) == [r["prompt"] for r in rows][:2]
+
+
 def test_unjudged_run_gets_samples_in_its_report(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     overrides = ["train.max_steps=2", "train.device=cpu", "output.report=false"]

@@ -150,15 +150,26 @@ def save_checkpoint(
         _fsync_dir(tmp)
     except (OSError, SafetensorError, RuntimeError) as exc:
         # safetensors and torch.save report a full disk as their own types (SafetensorError
-        # "File too large (os error 27)", RuntimeError "[enforce fail ...] unexpected pos").
+        # "File too large (os error 27)", RuntimeError "[enforce fail ...] unexpected pos");
+        # any other RuntimeError (a CUDA error, a serialisation bug) is not a disk problem.
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RuntimeError) and not _is_write_error(exc):
+            raise
         raise PrefoptError(
             f"could not write checkpoint {final}: {write_failure(exc, root)}"
-        ) from None
+        ) from exc
     _replace(tmp, final)
     _prune(root, keep)
     logger.info("checkpoint saved: %s", final)
     return final
+
+
+_WRITE_ERROR_TEXT = ("unexpected pos", "os error", "file write failed", "No space left")
+"""What torch.save's RuntimeError says when the write itself failed (PyTorch's zip writer)."""
+
+
+def _is_write_error(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in _WRITE_ERROR_TEXT)
 
 
 def _replace(tmp: Path, final: Path) -> None:

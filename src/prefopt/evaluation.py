@@ -160,7 +160,7 @@ class _RecordingReference:
     """A reference that keeps what it returned per row key: KTO's step returns metrics only,
     and its per-example rows and `ref_logps/*` need the reference's values."""
 
-    def __init__(self, inner: Reference):
+    def __init__(self, inner: Reference) -> None:
         self.inner = inner
         self.strategy = inner.strategy
         self.equals_initial_policy = inner.equals_initial_policy

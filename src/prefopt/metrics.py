@@ -18,21 +18,37 @@ Tensor = torch.Tensor
 
 
 TIE_TOLERANCE = 1e-6
-"""A reward margin with |margin| <= this counts as a tie in `reward_accuracy` (reward units,
-i.e. β·nats). An untrained policy's rewards are 0 only up to float rounding when the reference
-is a precomputed table or prefix-shared scoring sums the tokens in another order: float32
-log-probs of a few tens of nats differ by ~1e-6, which β = 0.1 scales to ~1e-7. Exact
-equality would read that noise as accuracy 0 or 1 per pair instead of 0.5. Training moves
-margins far past this within a step, so real wins and losses still count."""
+"""Absolute part of the tie band of `reward_accuracy` (reward units, i.e. β·nats)."""
+
+TIE_RELATIVE = 1e-7
+"""Relative part of the tie band, per nat of the log-probs behind the rewards.
+
+An untrained policy's rewards are 0 only up to float rounding when the reference is a
+precomputed table or prefix-shared scoring sums the tokens in another order, and that rounding
+grows with the sums: two float32 sums of 1,500 token log-probs differed by 2.4e-4 nats.
+Exact equality (or a fixed 1e-6) would read it as accuracy 0 or 1 per pair instead of 0.5.
+1e-7 × (|π_c| + |π_r| + |ρ_c| + |ρ_r|) covers that (1.2e-3 for 12,000 nats) even at β = 1,
+while training moves margins past it within a step, so real wins and losses still count."""
+
+
+def tie_band(logps: PairLogps) -> Tensor:
+    """[B] |margin| at or below which a pair counts as a tie: `TIE_TOLERANCE` plus
+    `TIE_RELATIVE` × the summed magnitude of the pair's policy and reference log-probs."""
+    total = logps.policy_chosen.detach().abs() + logps.policy_rejected.detach().abs()  # [B]
+    for ref in (logps.ref_chosen, logps.ref_rejected):
+        if ref is not None:
+            total = total + ref.detach().abs()
+    return TIE_TOLERANCE + TIE_RELATIVE * total.float()
 
 
 def reward_accuracy(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, tolerance: float = TIE_TOLERANCE
+    chosen_rewards: Tensor, rejected_rewards: Tensor, tolerance: float | Tensor = TIE_TOLERANCE
 ) -> Tensor:
     """[B] 1 where chosen's reward is higher, 0 where lower, 0.5 on a tie.
 
     Ties count half so that an untrained policy (all rewards 0) reads 0.5, not 0 as TRL's
-    strict '>' gives. A tie is |chosen − rejected| <= `tolerance` (see `TIE_TOLERANCE`).
+    strict '>' gives. A tie is |chosen − rejected| <= `tolerance`: a float, or a [B] band per
+    pair (`tie_band`).
     """
     margin = chosen_rewards - rejected_rewards  # [B]
     return (margin > tolerance).float() + 0.5 * (margin.abs() <= tolerance).float()
@@ -46,7 +62,7 @@ def pair_metrics(out: LossOutput, logps: PairLogps) -> dict[str, Tensor]:
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": reward_accuracy(chosen, rejected),
+        "rewards/accuracies": reward_accuracy(chosen, rejected, tie_band(logps)),
         "logps/chosen": logps.policy_chosen.detach(),
         "logps/rejected": logps.policy_rejected.detach(),
     }

@@ -93,7 +93,12 @@ def adapter_base(model_dir: Path) -> str | None:
     config = model_dir / "adapter_config.json"
     if not config.is_file():
         return None
-    return str(json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"])
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrefoptError(
+            f"{config} does not name its base model (base_model_name_or_path): {exc!r}"
+        ) from exc
 
 
 def base_gguf_file(cfg: ExperimentConfig) -> str | None:

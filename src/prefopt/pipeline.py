@@ -59,7 +59,8 @@ class PreparedData:
         return bool(self.train) and isinstance(self.train[0], TokenizedPair)
 
 
-def _columns(cfg: ExperimentConfig) -> ColumnMap:
+def columns_of(cfg: ExperimentConfig) -> ColumnMap:
+    """`data.columns` as the data layer's ColumnMap."""
     c = cfg.data.columns
     return ColumnMap(
         prompt=c.prompt,
@@ -74,7 +75,7 @@ def _load(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str, dict
     examples, report = load_preference_data(
         source,
         format=cfg.data.format,
-        columns=_columns(cfg),
+        columns=columns_of(cfg),
         split=cfg.data.split,
         on_error=cfg.data.on_error,
     )
@@ -153,7 +154,7 @@ def _tokenize_rows(
 def _load_sft(cfg: ExperimentConfig, source: str) -> tuple[list[Any], str, str, dict[str, Any]]:
     """SFT rows as UnpairedExample(label=True) so splitting/tokenizing reuse the same code."""
     rows, skipped = load_sft_rows(
-        source, split=cfg.data.split, on_error=cfg.data.on_error, columns=_columns(cfg),
+        source, split=cfg.data.split, on_error=cfg.data.on_error, columns=columns_of(cfg),
         format=cfg.data.format,
     )  # fmt: skip
     examples = [UnpairedExample(i, p, r, True) for i, p, r in rows]

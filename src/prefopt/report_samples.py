@@ -50,24 +50,22 @@ def heldout_prompts(cfg: ExperimentConfig, limit: int) -> list[Text]:
 
 def _prompts_of(cfg: ExperimentConfig, source: str) -> list[PreferencePair | UnpairedExample]:
     """The rows of `source` as training read them (in file order; each has `.prompt`)."""
+    from prefopt.pipeline import columns_of
+
     if cfg.data.sft:
         from prefopt.sft import load_sft_rows
 
-        rows, _ = load_sft_rows(source, split=cfg.data.split, on_error="skip")
+        rows, _ = load_sft_rows(
+            source, split=cfg.data.split, on_error="skip", columns=columns_of(cfg),
+            format=cfg.data.format,
+        )  # fmt: skip
         return [UnpairedExample(i, p, r, True) for i, p, r in rows]
-    from prefopt.data import ColumnMap, load_preference_data
+    from prefopt.data import load_preference_data
 
-    c = cfg.data.columns
     examples, _ = load_preference_data(
         source,
         format=cfg.data.format,
-        columns=ColumnMap(
-            prompt=c.prompt,
-            chosen=c.chosen,
-            rejected=c.rejected,
-            completion=c.completion,
-            label=c.label,
-        ),  # fmt: skip
+        columns=columns_of(cfg),
         split=cfg.data.split,
         on_error="skip",  # training already reported bad rows; the report just needs prompts
     )

@@ -1,6 +1,6 @@
-"""What stops a run that went wrong: a signal (`Interrupted`) or non-finite numbers
-(`NonFiniteError`), and the checks behind the second: the loss and gradient norm of each step,
-and the trainable weights before every checkpoint."""
+"""What stops a run before its last step: a signal (`Interrupted`), non-finite numbers
+(`NonFiniteError`: the loss and gradient norm of each step, the trainable weights before every
+checkpoint), and early stopping on an eval metric."""
 
 from __future__ import annotations
 
@@ -56,3 +56,25 @@ def handle_non_finite(
         return
     raise NonFiniteError(message + "; stopping (the last checkpoint is kept). "
                          "Set train.on_nan=skip to skip such steps")  # fmt: skip
+
+
+def early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
+    """Update patience with the eval metric; True when training should stop."""
+    name = run.cfg.eval.early_stopping_metric
+    if name is None:
+        return False
+    if name not in metrics:  # validate_config checks the name; this would be a new metric name
+        raise PrefoptError(
+            f"eval.early_stopping_metric={name} is not among this evaluation's metrics "
+            f"({', '.join(sorted(metrics))})"
+        )
+    value = metrics[name]
+    better = state.best_metric is None or (
+        value > state.best_metric if run.cfg.eval.early_stopping_mode == "max"
+        else value < state.best_metric
+    )  # fmt: skip
+    if better:
+        state.best_metric, state.bad_evals = value, 0
+        return False
+    state.bad_evals += 1
+    return state.bad_evals >= run.cfg.eval.patience

@@ -29,7 +29,6 @@ from prefopt.checkpoint import (
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import to_dict
 from prefopt.deepspeed_state import save_engine_state, single_process_loading
-from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate_dataset, micro_step
 from prefopt.final_judge import check_judge_setup
 from prefopt.metrics import MetricAccumulator
@@ -54,6 +53,7 @@ from prefopt.sharding import any_process, gather_for_checkpoint, whole_weights
 from prefopt.step_guards import (
     Interrupted,
     NonFiniteError,
+    early_stop,
     handle_non_finite,
     step_finite,
     weights_finite,
@@ -134,28 +134,6 @@ def _eval(run: RunParts, prepared: Any) -> dict[str, float] | None:
     )  # fmt: skip
 
 
-def _early_stop(run: RunParts, state: TrainerState, metrics: dict[str, float]) -> bool:
-    """Update patience with the eval metric; True when training should stop."""
-    name = run.cfg.eval.early_stopping_metric
-    if name is None:
-        return False
-    if name not in metrics:  # validate_config checks the name; this would be a new metric name
-        raise PrefoptError(
-            f"eval.early_stopping_metric={name} is not among this evaluation's metrics "
-            f"({', '.join(sorted(metrics))})"
-        )
-    value = metrics[name]
-    better = state.best_metric is None or (
-        value > state.best_metric if run.cfg.eval.early_stopping_mode == "max"
-        else value < state.best_metric
-    )  # fmt: skip
-    if better:
-        state.best_metric, state.bad_evals = value, 0
-        return False
-    state.bad_evals += 1
-    return state.bad_evals >= run.cfg.eval.patience
-
-
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Run DPO-family training as configured; returns where the output went and the metrics."""
     cfg.validate()  # load_config validated it, but a config built in Python may not be
@@ -232,7 +210,7 @@ class _Loop:
         tracker: Tracker,
         out_dir: Path,
         flag: StopFlag,
-    ):
+    ) -> None:
         cfg = run.cfg
         self.run, self.prepared, self.state, self.tracker = run, prepared, state, tracker
         self.out_dir, self.config_yaml, self.flag = out_dir, _config_yaml(cfg), flag
@@ -312,7 +290,7 @@ class _Loop:
         self.tracker.log({"step": step, "split": "eval", **ev})
         self.last_eval = (step, ev)
         self.progress.write(_fmt_eval(step, ev))
-        if _early_stop(self.run, self.state, ev):
+        if early_stop(self.run, self.state, ev):
             self.progress.write(f"early stopping at step {step}")
             return True
         return False
