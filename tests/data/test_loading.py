@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefopt.data import PreferencePair, load_preference_data, read_rows
+from prefopt.data import hub as hub_module
 from prefopt.data import loading as loading_module
 from prefopt.errors import DataError
 
@@ -166,7 +167,7 @@ def test_csv_parser_errors_become_data_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Any csv.Error (here: a field over a limit left in place) names the file and row."""
-    monkeypatch.setattr(loading_module, "_allow_long_csv_fields", lambda: None)
+    monkeypatch.setattr(loading_module, "allow_long_csv_fields", lambda: None)
     old = csv.field_size_limit(100)
     try:
         (tmp_path / "t.csv").write_text(f"prompt,chosen,rejected\nq,a,b\nq,{'x' * 200},b\n")
@@ -190,7 +191,7 @@ def test_csv_field_limit_falls_back_where_sys_maxsize_overflows(
         return old
 
     monkeypatch.setattr(loading_module.csv, "field_size_limit", field_size_limit)
-    loading_module._allow_long_csv_fields()
+    loading_module.allow_long_csv_fields()
     assert 2**30 <= current[0] <= 2**31 - 1
 
 
@@ -258,7 +259,7 @@ def test_hub_dataset_is_loaded_with_its_split(monkeypatch: pytest.MonkeyPatch) -
         calls.append((name, split))
         return datasets.Dataset.from_list(ROWS)
 
-    monkeypatch.setattr(loading_module, "_check_hub_dataset", lambda name: None)
+    monkeypatch.setattr(hub_module, "_check_hub_dataset", lambda name: None)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     examples, report = load_preference_data("some-user/prefs", split="test_prefs")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from prefopt.cli import main
+from prefopt.errors import DataError
 from toy import make_tokenizer
 from toy_models import save_toy_model, write_jsonl
 
@@ -300,3 +301,31 @@ def test_bad_input_is_one_error_line(tmp_path: Path, capsys, line: str, message:
     assert err.count("\n") == 1 and not out.exists()
     assert main([*args, "--on-error", "skip"]) == 0
     assert len(read(out)) == 1 and "dropped 1" in capsys.readouterr().out
+
+
+def test_json_lines_named_json_skip_the_same_line_in_training_and_clean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training's loader and `prefopt data clean` share the rule that a .json file holds JSON
+    Lines, so with on_error=skip both skip the broken line and count it (training used to stop
+    at it)."""
+    from prefopt.data import PreferencePair, load_preference_data
+
+    rows = pairs(3, 1)
+    lines = [json.dumps(rows[0]), '{"prompt": "say 1", "chosen": "cut', json.dumps(rows[2])]
+    data = tmp_path / "lines.json"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="row 1: invalid JSON on line 2"):
+        load_preference_data(data)
+    examples, report = load_preference_data(data, on_error="skip")
+    assert examples == [
+        PreferencePair(0, "say 0", "yes 0 .", "no ."),
+        PreferencePair(2, "say 2", "yes 0 .", "no ."),
+    ]
+    assert (report.rows_read, report.rows_kept, report.dropped) == (3, 2, {"invalid JSON": [1]})
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "clean", str(data), "--output", str(out), "--on-error", "skip"]) == 0
+    assert "3 rows -> 2 written" in capsys.readouterr().out
+    assert [r["prompt"] for r in read(out)] == ["say 0", "say 2"]
+    removed = json.loads((tmp_path / "clean.clean.json").read_text())["removed"]
+    assert removed == {"1": ["unreadable"]}

@@ -13,17 +13,26 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from prefopt.data.fields import DEFAULT_COLUMNS, ColumnMap, describe_type
 from prefopt.data.formats import normalize_rows
+from prefopt.data.hub import HUB_TIMEOUT_S, read_hub, read_saved_dataset
 from prefopt.data.records import LoadReport, PreferencePair, UnpairedExample, UnreadableRow
 from prefopt.errors import DataError
 
 Row = dict[str, Any]
 
-HUB_TIMEOUT_S = 10.0
-"""Seconds to wait for the Hub to answer before calling it unreachable."""
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "HUB_TIMEOUT_S",
+    "allow_long_csv_fields",
+    "csv_record_error",
+    "load_preference_data",
+    "looks_like_json_lines",
+    "read_rows",
+    "unwrap_rows",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -38,10 +47,11 @@ def read_rows(
             `.csv` file; a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
             otherwise a Hub dataset id, loaded with `datasets.load_dataset`.
         split: Split of a `DatasetDict` folder or Hub dataset (default "train").
-        on_error: "skip": in a JSONL file, a line that is not valid JSON or holds bytes that
-            are not UTF-8 becomes an empty `UnreadableRow` (so later rows keep their indices),
-            which `normalize_rows` drops and counts. Whole-file problems (a broken .json
-            document or CSV, an empty file) still raise.
+        on_error: "skip": in JSON Lines (a .jsonl file, or a .json file holding JSON Lines: see
+            `looks_like_json_lines`), a line that is not valid JSON or holds bytes that are not
+            UTF-8 becomes an empty `UnreadableRow` (so later rows keep their indices), which
+            `normalize_rows` drops and counts. Whole-file problems (a broken .json document or
+            CSV, an empty file) still raise.
 
     Returns:
         The rows, in source order.
@@ -52,7 +62,7 @@ def read_rows(
     """
     path = Path(source)
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        return read_saved_dataset(path, split)
     if path.is_file():
         reader = _READERS.get(path.suffix.lower())
         if reader is None:
@@ -60,14 +70,14 @@ def read_rows(
                 f"unsupported file type '{path.suffix}' (expected {', '.join(_READERS)})",
                 file=str(path),
             )
-        rows = _read_jsonl(path, skip=True) if _skips_lines(path, on_error) else reader(path)
+        rows = reader(path, skip=on_error == "skip")
         if not rows:
             raise DataError("the file holds no rows", file=str(path))
         return rows
     name = str(source)
     if path.suffix.lower() in _READERS or not _HUB_ID.match(name):
         raise DataError("no such file or folder", file=name)
-    return _read_hub(name, split)
+    return read_hub(name, split)
 
 
 def load_preference_data(
@@ -87,6 +97,86 @@ def load_preference_data(
     return normalize_rows(
         rows, format=format, columns=columns, source=str(source), on_error=on_error
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules shared with the data tools' row-by-row reader (`prefopt.datatools.reader`)
+
+DEFAULT_MAX_LINE_BYTES = 16 * 2**20
+"""Longest JSON Lines or CSV line the data tools read (16 MiB); longer lines are refused."""
+
+_CHUNK = 2**22
+_BOM = b"\xef\xbb\xbf"
+
+
+def looks_like_json_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> bool:
+    """Whether a .json file holds JSON Lines: its first line is one object (starts with "{" and
+    ends with "}") and the next non-blank line starts with "{" too.
+
+    A JSON array starts with "["; a pretty-printed object's first line does not end with "}",
+    and a one-line {"data": [...]} has no second line. Reads at most the first two lines, an
+    over-long first line in bounded chunks (at most `max_line_bytes` of it kept).
+    """
+    with path.open("rb") as f:
+        first = _next_nonblank(f, max_line_bytes)
+        if first is None or not first[0].lstrip().startswith(b"{"):
+            return False
+        if not first[1].rstrip().endswith(b"}"):
+            return False
+        second = _next_nonblank(f, max_line_bytes)
+        return second is not None and second[0].lstrip().startswith(b"{")
+
+
+def _next_nonblank(f: BinaryIO, max_line_bytes: int) -> tuple[bytes, bytes] | None:
+    """(start, end) of the next non-blank line: at most max_line_bytes of each (equal for a
+    short line). The rest of a long line is read through and dropped."""
+    while line := f.readline(max_line_bytes + 1):
+        if f.tell() == len(line) and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if not line.strip():
+            continue
+        tail = line
+        while not tail.endswith(b"\n") and (more := f.readline(_CHUNK)):
+            tail = more
+        return line, tail
+    return None
+
+
+def unwrap_rows(value: Any, source: str) -> list[Any]:
+    """The items of a parsed .json document: a list, or the list of {"data": [...]}."""
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataError(
+            'expected a list of row objects or {"data": [...]}, got ' + describe_type(value),
+            file=source,
+        )
+    return value
+
+
+def csv_record_error(header: Sequence[str], values: Sequence[str]) -> tuple[str, str | None] | None:
+    """(message, field) when a CSV record has more or fewer values than its header, else None.
+
+    The field is the first header column without a value (None for too many values)."""
+    if len(values) > len(header):
+        return f"more values than the {len(header)} header columns", None
+    if len(values) < len(header):
+        return "fewer values than header columns", header[len(values)]
+    return None
+
+
+def allow_long_csv_fields() -> None:
+    """Lift csv's 131072-character field limit, once and for the whole process: a long prompt
+    or response is a row to read (and truncate or refuse later, with its row named), not a
+    parser error. The limit is a C long, narrower than sys.maxsize on some platforms (64-bit
+    Windows): halve until it fits."""
+    limit = sys.maxsize
+    while limit > csv.field_size_limit():
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,33 +246,22 @@ def _check_object(value: Any, path: Path, index: int) -> Row:
     return value
 
 
-def _read_json(path: Path) -> list[Row]:
+def _read_json(path: Path, *, skip: bool = False) -> list[Row]:
+    if looks_like_json_lines(path):
+        return _read_jsonl(path, skip=skip)
     text, bad_bytes = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # one object per line: JSON Lines named .json
-            return _read_jsonl(path)
         raise DataError(
             f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
             file=str(path),
         ) from error
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(
-            'expected a list of row objects or {"data": [...]}, got ' + describe_type(data),
-            file=str(path),
-        )
-    rows = [_check_object(value, path, index) for index, value in enumerate(data)]
+    items = unwrap_rows(data, str(path))
+    rows = [_check_object(value, path, index) for index, value in enumerate(items)]
     if bad_bytes:
         _raise_on_bad_bytes(rows, path)
     return rows
-
-
-def _skips_lines(path: Path, on_error: str) -> bool:
-    """Whether `read_rows` skips unreadable lines of `path` (JSONL only: one row per line)."""
-    return on_error == "skip" and path.suffix.lower() == ".jsonl"
 
 
 def _read_jsonl(path: Path, *, skip: bool = False) -> list[Row]:
@@ -215,41 +294,25 @@ def _read_jsonl(path: Path, *, skip: bool = False) -> list[Row]:
     return rows
 
 
-def _allow_long_csv_fields() -> None:
-    """Lift csv's 131072-character field limit: a long prompt or response is a row to read
-    (and truncate or refuse later, with its row named), not a parser error. The limit is a C
-    long, narrower than sys.maxsize on some platforms (64-bit Windows): halve until it fits."""
-    limit = sys.maxsize
-    while limit > csv.field_size_limit():
-        try:
-            csv.field_size_limit(limit)
-            return
-        except OverflowError:
-            limit //= 2
+def _read_csv(path: Path, *, skip: bool = False) -> list[Row]:
+    """CSV rows with every value as text (no type guessing: "true", "" and "1" stay text).
 
-
-def _read_csv(path: Path) -> list[Row]:
-    """CSV rows with every value as text (no type guessing: "true", "" and "1" stay text)."""
+    `skip` is ignored: a CSV problem stops the read (a quoted field may span lines, so after a
+    bad record the next one's start is unknown)."""
     text, bad_bytes = _read_text(path)
-    _allow_long_csv_fields()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    allow_long_csv_fields()
+    reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[Row] = []
-    header: Sequence[str] | None = None
+    header: list[str] | None = None
     try:
-        header = reader.fieldnames or []
-        for index, record in enumerate(reader):
-            if None in record:
-                raise DataError(
-                    f"more values than the {len(header)} header columns",
-                    file=str(path),
-                    row=index,
-                )
-            missing = [column for column, value in record.items() if value is None]
-            if missing:
-                raise DataError(
-                    "fewer values than header columns", file=str(path), row=index, field=missing[0]
-                )
-            rows.append(dict(record))
+        header = next((values for values in reader if values), [])  # blank lines skipped
+        for values in reader:
+            if not values:
+                continue  # a blank line is not a record
+            mismatch = csv_record_error(header, values)
+            if mismatch is not None:
+                raise DataError(mismatch[0], file=str(path), row=len(rows), field=mismatch[1])
+            rows.append(dict(zip(header, values, strict=True)))
     except csv.Error as error:  # Python's csv is lenient: little but a size limit gets here
         in_header = header is None
         raise DataError(
@@ -262,7 +325,7 @@ def _read_csv(path: Path) -> list[Row]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, *, skip: bool = False) -> list[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -273,85 +336,9 @@ def _read_parquet(path: Path) -> list[Row]:
     return rows
 
 
-_READERS: dict[str, Callable[[Path], list[Row]]] = {
+_READERS: dict[str, Callable[..., list[Row]]] = {
     ".json": _read_json,
     ".jsonl": _read_jsonl,
     ".parquet": _read_parquet,
     ".csv": _read_csv,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# `datasets` folders and the Hub (datasets is imported lazily: it is slow to import)
-
-
-def _read_saved_dataset(path: Path, split: str | None) -> list[Row]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as error:
-        raise DataError(
-            "not a folder written by datasets' save_to_disk (and folders of loose files are "
-            f"not read; name a file instead): {error}",
-            file=str(path),
-        ) from error
-    if isinstance(loaded, datasets.DatasetDict):
-        name = split or "train"
-        if name not in loaded:
-            raise DataError(
-                f"no split '{name}' (splits: {', '.join(loaded)}); pass split=", file=str(path)
-            )
-        loaded = loaded[name]
-    rows: list[Row] = loaded.to_list()
-    if not rows:
-        raise DataError("the dataset holds no rows", file=str(path))
-    return rows
-
-
-def _read_hub(name: str, split: str | None) -> list[Row]:
-    import datasets
-
-    if not datasets.config.HF_HUB_OFFLINE:
-        _check_hub_dataset(name)
-    try:
-        loaded = datasets.load_dataset(name, split=split or "train")
-    except ConnectionError as error:
-        raise DataError(
-            "no local file or folder of that name, and the Hub dataset could not be loaded "
-            f"(offline, or not in the local cache): {error}",
-            file=name,
-        ) from error
-    except Exception as error:  # datasets raises many types; all mean "cannot load this"
-        raise DataError(f"cannot load Hub dataset: {error}", file=name) from error
-    rows: list[Row] = loaded.to_list()
-    if not rows:
-        raise DataError("the dataset holds no rows", file=name)
-    return rows
-
-
-def _check_hub_dataset(name: str) -> None:
-    """Ask the Hub about `name` with a short timeout, so an offline machine fails in seconds.
-
-    (`datasets.load_dataset` itself retries with backoff for about half a minute.)
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError as error:
-        raise DataError("the Hub dataset is gated: log in with access", file=name) from error
-    except RepositoryNotFoundError as error:
-        raise DataError(
-            "no local file or folder of that name, and no such Hub dataset (or it is private)",
-            file=name,
-        ) from error
-    except HfHubHTTPError as error:
-        raise DataError(f"the Hub refused the request: {error}", file=name) from error
-    except Exception as error:  # connection refused, DNS failure, timeout, ...
-        raise DataError(
-            "no local file or folder of that name, and the Hub cannot be reached (offline?); "
-            "set HF_HUB_OFFLINE=1 to use a cached copy",
-            file=name,
-        ) from error
