@@ -11,10 +11,16 @@ from typing import Any
 import pytest
 
 import prefopt.datatools.sampling as sampling
-from prefopt.datatools.build import BuildSettings, build_pairs, build_paths, select_pair
+from prefopt.datatools.build import (
+    BuildSettings,
+    NonFiniteScore,
+    build_pairs,
+    build_paths,
+    select_pair,
+)
 from prefopt.datatools.prompts import load_prompt_rows
 from prefopt.datatools.sampling import trim_to_sentence
-from prefopt.errors import ConfigError, DataError
+from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.generation import SamplingParams, encode_prompt, generate_completions
 from prefopt.judges import FunctionJudge, make_judge
 from toy import make_tokenizer
@@ -283,3 +289,47 @@ def test_settings_are_checked() -> None:
         BuildSettings(judge="length", k=1)
     with pytest.raises(ConfigError, match="temperature"):
         BuildSettings(judge="length", temperature=0)
+
+
+JUDGE_MODULE = """\
+from prefopt.errors import PrefoptError
+
+def broken(prompt, response):  # loads its model on first use, and that fails
+    raise PrefoptError("cannot load the scoring model ./rm: no such folder")
+
+def nan_on_sun(prompt, response):
+    return float("nan") if "sun" in prompt else float(len(response.split()))
+"""
+
+
+def test_only_a_non_finite_score_is_a_bad_score(
+    model: Any, tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module judge that fails to load stops the build even with on_error="skip" (before,
+    every prompt was saved as a done "bad_score" that resuming never retried); a NaN score
+    drops just its prompt."""
+    (tmp_path / "judge_for_build_test.py").write_text(JUDGE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "pairs.jsonl"
+    broken = make_judge("judge_for_build_test:broken")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(PrefoptError, match="cannot load the scoring model") as info:
+            build_pairs(
+                model, tok, LITERAL_PROMPTS, broken, LITERAL_SETTINGS, out, on_error=on_error
+            )
+        assert not isinstance(info.value, NonFiniteScore)
+        assert not build_paths(out)[1].read_text()  # no prompt recorded as done
+    # With a judge that works, the resumed build judges every prompt.
+    report = build_pairs(model, tok, LITERAL_PROMPTS, make_judge("length"), LITERAL_SETTINGS, out)
+    assert (report.done_before, report.sampled_now, report.dropped_bad_score) == (0, 3, 0)
+    assert read(out) == LITERAL_PAIRS
+    nan = make_judge("judge_for_build_test:nan_on_sun")
+    skipped = tmp_path / "nan.jsonl"
+    report = build_pairs(
+        model, tok, LITERAL_PROMPTS, nan, LITERAL_SETTINGS, skipped, on_error="skip"
+    )
+    assert report.dropped_bad_score == 1 and read(skipped) == LITERAL_PAIRS
+    record = next(r for r in read(build_paths(skipped)[1]) if r["outcome"] == "bad_score")
+    assert (
+        record["prompt_index"] == 1 and "returned nan, expected a finite number" in record["error"]
+    )

@@ -16,7 +16,8 @@ Files, next to OUT (e.g. `pairs.jsonl`):
 Prompts come as a plain list or as `prompts.PromptRows` (from `load_prompt_rows`, which can skip
 bad rows). A judge score that is not a finite number (NaN, inf, not a number) stops the build
 with an error naming the prompt's source row, or with `on_error="skip"` drops that prompt
-(outcome "bad_score", counted); the batch is then re-scored prompt by prompt to find it.
+(outcome "bad_score", counted; see `build_scoring`). Any other judge error stops the build: it
+is not the prompt's fault, and a prompt recorded as done would not be retried on resume.
 
 Resuming: each prompt's pair and record are appended and flushed as soon as it is judged, so a
 re-run with the same settings skips every prompt already in OUT or in the samples file (keyed by
@@ -25,9 +26,6 @@ prompt index and prompt text; a changed prompt is an error, not a silent mismatc
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,9 +33,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from prefopt.data.records import Text
+from prefopt.datatools.build_resume import (
+    append_line,
+    build_paths,
+    check_settings,
+    done_prompts,
+    finish_build,
+    prompt_json,
+)
+from prefopt.datatools.build_scoring import NonFiniteScore, score_prompts
 from prefopt.datatools.prompts import PromptRows
-from prefopt.datatools.reader import OnError, write_jsonl
-from prefopt.errors import ConfigError, DataError, PrefoptError
+from prefopt.datatools.reader import OnError
+from prefopt.errors import ConfigError, DataError
 from prefopt.judges import Judge
 
 if TYPE_CHECKING:  # torch and transformers load only when a build runs
@@ -52,6 +59,7 @@ __all__ = [
     "BuildPairing",
     "BuildReport",
     "BuildSettings",
+    "NonFiniteScore",
     "build_pairs",
     "build_paths",
     "select_pair",
@@ -159,13 +167,6 @@ class BuildReport:
         )
 
 
-def build_paths(output: str | Path) -> tuple[Path, Path, Path]:
-    """(pairs file, samples file, settings file) of a build writing `output`."""
-    out = Path(output)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out, out.with_name(stem + ".samples.jsonl"), out.with_name(stem + ".build.json")
-
-
 def select_pair(
     scores: Sequence[float], min_gap: float, pairing: BuildPairing, rng: random.Random
 ) -> tuple[int, int] | None:
@@ -183,10 +184,6 @@ def select_pair(
     return (best, rng.choice(lower)) if lower else None
 
 
-def _prompt_json(prompt: Text) -> Any:
-    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
-
-
 def _response(prompt: Text, text: str) -> Any:
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
@@ -200,7 +197,7 @@ def _judge_prompt(
     by_text = dict(zip(kept, scores, strict=True))
     record: Row = {
         "prompt_index": index,
-        "prompt": _prompt_json(prompt),
+        "prompt": prompt_json(prompt),
         "replies": texts,
         "cut_off": [x.cut_off for x in samples],
         "scores": [by_text.get(t) for t in texts],  # None for an empty reply
@@ -216,7 +213,7 @@ def _judge_prompt(
     record["outcome"] = "pair"
     chosen, rejected = picked
     row = {
-        "prompt": _prompt_json(prompt),
+        "prompt": prompt_json(prompt),
         "chosen": _response(prompt, kept[chosen]),
         "rejected": _response(prompt, kept[rejected]),
         "chosen_score": scores[chosen],
@@ -226,129 +223,16 @@ def _judge_prompt(
     return record, row
 
 
-def _score(
-    judge: Judge, prompts: Sequence[Text], replies: list[list[Sample]]
-) -> list[list[float] | str]:
-    """Scores of each prompt's distinct non-empty replies, in one judge batch; for a prompt
-    with a score that is not a finite number, the judge's complaint instead.
-
-    When the batch fails that way, its prompts are scored again one by one to find which.
-    """
-    kept = [list(dict.fromkeys(x.text for x in rs if x.text)) for rs in replies]
-    try:
-        flat = judge.score_batch(
-            [p for p, ks in zip(prompts, kept, strict=True) for _ in ks],
-            [t for ks in kept for t in ks],
-        )
-    except PrefoptError:  # the built-in judges refuse NaN, inf and non-numbers this way
-        flat = None
-    if flat is not None and all(_finite(s) for s in flat):
-        out: list[list[float] | str] = []
-        pos = 0
-        for ks in kept:
-            out.append(flat[pos : pos + len(ks)])
-            pos += len(ks)
-        return out
-    return [_score_one(judge, p, ks) for p, ks in zip(prompts, kept, strict=True)]
-
-
-def _finite(score: object) -> bool:
-    return isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
-
-
-def _score_one(judge: Judge, prompt: Text, texts: list[str]) -> list[float] | str:
-    try:
-        scores = judge.score_batch([prompt] * len(texts), texts)
-    except PrefoptError as error:
-        return str(error)
-    bad = next((s for s in scores if not _finite(s)), None)
-    if bad is not None:
-        return f"judge '{judge.name}' returned {bad!r}, expected a finite number"
-    return scores
-
-
 def _bad_score_record(index: int, prompt: Text, samples: list[Sample], message: str) -> Row:
     return {
         "prompt_index": index,
-        "prompt": _prompt_json(prompt),
+        "prompt": prompt_json(prompt),
         "replies": [x.text for x in samples],
         "cut_off": [x.cut_off for x in samples],
         "scores": [None] * len(samples),
         "outcome": "bad_score",
         "error": message,
     }
-
-
-def _read_records(path: Path) -> list[Row]:
-    """The complete lines of a build's append-only JSONL file.
-
-    A torn last line (a write cut short by an interrupt) is cut off the file, but only once
-    every complete line has proved to be a build record: another file is never changed.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for number, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1]):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt_index"), int):
-            raise DataError(
-                "not a `prefopt data build` record (no prompt_index); write to a new --output",
-                file=str(path),
-                row=number,
-            )
-        rows.append(row)
-    if end < len(data):
-        with path.open("r+b") as f:
-            f.truncate(end)
-    return rows
-
-
-def _done(paths: tuple[Path, Path, Path], prompts: Sequence[Text]) -> set[int]:
-    """Indices of prompts already done, after checking they are the same prompts."""
-    done: set[int] = set()
-    for path in paths[:2]:
-        for number, row in enumerate(_read_records(path)):
-            i = row["prompt_index"]
-            if not 0 <= i < len(prompts) or row.get("prompt") != _prompt_json(prompts[i]):
-                raise DataError(
-                    f"prompt_index {i} does not match prompt {i} of the prompts file (the "
-                    "prompts changed since this build started); write to a new --output",
-                    file=str(path),
-                    row=number,
-                )
-            done.add(i)
-    return done
-
-
-def _check_settings(
-    path: Path, settings: BuildSettings, model: str, prompts_file: str, prompts: Sequence[Text]
-) -> None:
-    recorded = {**settings.recorded(), "model": model}
-    if settings.sampling == "per-batch":
-        # The batch plan, so every reply, depends on the whole prompt list: it must not change.
-        listed = json.dumps([_prompt_json(p) for p in prompts], ensure_ascii=False)
-        recorded["prompts_sha256"] = hashlib.sha256(listed.encode()).hexdigest()
-    if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        changed = {k: (before.get(k), v) for k, v in recorded.items() if before.get(k) != v}
-        if changed:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(
-                f"{path} records a build with other settings ({listed}); resume with the same "
-                "settings, or write to a new --output"
-            )
-    meta = {"settings": recorded, "prompts_file": prompts_file}  # where from: not checked
-    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
-def _append(f: TextIO, row: Row) -> None:
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
 
 
 def build_pairs(
@@ -387,90 +271,89 @@ def build_pairs(
         ConfigError: When `output` was built with other settings.
         DataError: When `output` holds other prompts or is not a build's output, or (with
             on_error="raise") the judge's score for a reply is not a finite number.
+        PrefoptError: Any other judge error, whatever `on_error` says.
     """
+    loaded = None
+    if isinstance(prompts, PromptRows):
+        loaded, prompts_file, prompts = prompts, prompts_file or prompts.source, prompts.prompts
+    paths = build_paths(output)
+    done = done_prompts(paths, prompts)
+    check_settings(paths[2], settings, model_name, prompts_file, prompts)
+    report = BuildReport(prompts=len(prompts), done_before=len(done))
+    run = _Run(model, tokenizer, prompts, judge, settings, on_error, done, report, prompts_file)
+    if loaded is not None:
+        report.skipped_prompts, run.rows = loaded.skipped, loaded.rows
+    _run_batches(run, paths, progress)
+    finish_build(paths, report, settings, len(done) == len(prompts))
+    return report
+
+
+@dataclass
+class _Run:
+    """What every batch of one `build_pairs` call needs."""
+
+    model: nn.Module
+    tokenizer: Any
+    prompts: Sequence[Text]
+    judge: Judge
+    settings: BuildSettings
+    on_error: OnError
+    done: set[int]
+    report: BuildReport
+    prompts_file: str = ""
+    rows: list[int] | None = None  # source row of each prompt, when known
+
+
+def _run_batches(run: _Run, paths: tuple[Path, Path, Path], progress: bool) -> None:
+    """Every batch of the sampling plan, appending to the pairs and samples files."""
     from tqdm import tqdm
 
-    from prefopt.datatools.sampling import plan_batches, sample_replies
+    from prefopt.datatools.sampling import plan_batches
 
-    loaded = prompts if isinstance(prompts, PromptRows) else None
-    if isinstance(prompts, PromptRows):
-        prompts_file = prompts_file or prompts.source
-        prompts = prompts.prompts
-    paths = build_paths(output)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    done = _done(paths, prompts)
-    _check_settings(paths[2], settings, model_name, prompts_file, prompts)
-    report = BuildReport(prompts=len(prompts), done_before=len(done))
-    if loaded is not None:
-        report.skipped_prompts = loaded.skipped
-    plan = plan_batches(settings.sampling, tokenizer, prompts, settings.batch_size)
+    s = run.settings
+    plan = plan_batches(s.sampling, run.tokenizer, run.prompts, s.batch_size)
+    total, done = len(run.prompts), len(run.done)
     with (
-        tqdm(
-            total=len(prompts),
-            initial=len(done),
-            desc="prompts",
-            unit="prompt",
-            disable=not progress,
-        ) as bar,
+        tqdm(total=total, initial=done, desc="prompts", unit="prompt", disable=not progress) as bar,
         paths[0].open("a", encoding="utf-8") as out,
         paths[1].open("a", encoding="utf-8") as rec,
     ):
         for number, batch in enumerate(plan):
-            todo = [i for i in batch if i not in done]
-            if not todo:
-                continue
-            # Per batch, a partly done batch is re-sampled whole: its seed covers all of it.
-            indices = batch if settings.sampling == "per-batch" else todo
-            replies = sample_replies(
-                settings.sampling,
-                model,
-                tokenizer,
-                prompts,
-                indices,
-                settings.params,
-                batch_number=number,
-                trim=settings.trim,
-            )
-            wanted = [(i, r) for i, r in zip(indices, replies, strict=True) if i not in done]
-            scores = _score(judge, [prompts[i] for i, _ in wanted], [r for _, r in wanted])
-            for (i, samples), prompt_scores in zip(wanted, scores, strict=True):
-                if isinstance(prompt_scores, str):  # the judge gave no usable score
-                    if on_error == "raise":
-                        row_number = loaded.rows[i] if loaded is not None else None
-                        raise DataError(
-                            f"prompt_index {i}: {prompt_scores} (--on-error skip drops such "
-                            "prompts)",
-                            file=prompts_file or None,
-                            row=row_number,
-                        )
-                    record, row = _bad_score_record(i, prompts[i], samples, prompt_scores), None
-                else:
-                    record, row = _judge_prompt(i, prompts[i], samples, prompt_scores, settings)
-                if row is not None:
-                    _append(out, row)  # the pair first: a crash then loses no pair
-                _append(rec, record)
-                done.add(i)
-                report.sampled_now += 1
-            bar.update(len(wanted))
-    _finish(paths, report, settings, len(done) == len(prompts))
-    return report
+            bar.update(_build_batch(run, number, batch, out, rec))
 
 
-def _finish(
-    paths: tuple[Path, Path, Path], report: BuildReport, settings: BuildSettings, complete: bool
-) -> None:
-    """Count from the files, sort the pairs by prompt index, record the counts."""
-    rows = _read_records(paths[0])
-    records = _read_records(paths[1])
-    report.pairs = len(rows)
-    report.replies = sum(len(r["replies"]) for r in records)
-    report.empty_replies = sum(1 for r in records for t in r["replies"] if not t)
-    report.cut_off_replies = sum(sum(r["cut_off"]) for r in records)
-    report.dropped_small_gap = sum(r["outcome"] == "small_gap" for r in records)
-    report.dropped_too_few_replies = sum(r["outcome"] == "too_few_replies" for r in records)
-    report.dropped_bad_score = sum(r["outcome"] == "bad_score" for r in records)
-    if complete:
-        write_jsonl(paths[0], sorted(rows, key=lambda r: r["prompt_index"]))
-    meta = json.loads(paths[2].read_text(encoding="utf-8"))
-    meta.update(complete=complete, counts=asdict(report))
-    paths[2].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+def _build_batch(run: _Run, number: int, batch: list[int], out: TextIO, rec: TextIO) -> int:
+    """Sample, judge and record the prompts of batch `number` not yet done; how many."""
+    from prefopt.datatools.sampling import sample_replies
+
+    todo = [i for i in batch if i not in run.done]
+    if not todo:
+        return 0
+    # Per batch, a partly done batch is re-sampled whole: its seed covers all of it.
+    s = run.settings
+    indices = batch if s.sampling == "per-batch" else todo
+    replies = sample_replies(
+        s.sampling, run.model, run.tokenizer, run.prompts, indices, s.params,
+        batch_number=number, trim=s.trim,
+    )  # fmt: skip
+    wanted = [(i, r) for i, r in zip(indices, replies, strict=True) if i not in run.done]
+    scores = score_prompts(run.judge, [run.prompts[i] for i, _ in wanted], [r for _, r in wanted])
+    for (i, samples), prompt_scores in zip(wanted, scores, strict=True):
+        if isinstance(prompt_scores, NonFiniteScore):
+            if run.on_error == "raise":
+                raise DataError(
+                    f"prompt_index {i}: {prompt_scores.reason} (--on-error skip drops such "
+                    "prompts)",
+                    file=run.prompts_file or None,
+                    row=run.rows[i] if run.rows is not None else None,
+                ) from None
+            record = _bad_score_record(i, run.prompts[i], samples, prompt_scores.reason)
+            row = None
+        else:
+            record, row = _judge_prompt(i, run.prompts[i], samples, prompt_scores, s)
+        if row is not None:
+            append_line(out, row)  # the pair first: a crash then loses no pair
+        append_line(rec, record)
+        run.done.add(i)
+        run.report.sampled_now += 1
+    return len(wanted)
