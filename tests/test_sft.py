@@ -16,7 +16,7 @@ from prefopt.collate import collate_examples
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError, DataError, TokenizationError
 from prefopt.pipeline import prepare_data
-from prefopt.sft import collate_sft
+from prefopt.sft import collate_sft, load_sft_rows
 from prefopt.trainer import Interrupted, train
 from toy import TOY_VOCAB, make_tokenizer
 from toy_models import learnable_pairs, save_toy_model, train_lines, write_jsonl
@@ -289,3 +289,17 @@ def test_sft_then_dpo_recipe(assets: dict[str, Path], tmp_path: Path):
     assert dpo_start["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert dpo_start["logps/chosen"] == pytest.approx(sft_final["logps/response"], abs=1e-4)
     assert records(dpo_out, "train")[0]["rewards/margins"] == 0.0
+
+
+def test_unreadable_jsonl_lines_are_skipped_with_on_error_skip(tmp_path: Path):
+    """SFT reads with the same on_error as its rows: a line that is not JSON or not UTF-8 is
+    skipped and counted (it used to stop SFT even under skip), later rows keep their index."""
+    good = json.dumps({"prompt": "hi", "response": "hello ."}).encode()
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b"\n".join([good, b'{"prompt": "cut', b'{"prompt": "caf\xe9"}', good]) + b"\n")
+    with pytest.raises(DataError, match="row 1: invalid JSON on line 2"):
+        load_sft_rows(str(path))
+    rows, skipped = load_sft_rows(str(path), on_error="skip")
+    assert [index for index, _, _ in rows] == [0, 3] and skipped == [1, 2]
+    cfg = sft_cfg({"model": Path("unused"), "train": path}, tmp_path / "out", "data.on_error=skip")
+    assert len(prepare_data(cfg, make_tokenizer()).train) == 2

@@ -47,7 +47,7 @@ from prefopt.data.fields import (
 )
 from prefopt.data.formats import normalize_rows
 from prefopt.data.loading import read_rows
-from prefopt.data.records import Message, PreferencePair, Text, UnpairedExample
+from prefopt.data.records import Message, PreferencePair, Text, UnpairedExample, UnreadableRow
 from prefopt.errors import ConfigError, DataError, TokenizationError
 from prefopt.step import StepOutput
 from prefopt.tokenize import tokenize_examples
@@ -159,7 +159,8 @@ def load_sft_rows(
     Args:
         source: A file, `save_to_disk` folder or Hub id (see `read_rows`).
         split: Split to read from a DatasetDict or Hub dataset.
-        on_error: "raise" stops at the first bad row; "skip" drops it.
+        on_error: "raise" stops at the first bad row; "skip" drops it, unreadable JSON Lines
+            lines included (see `read_rows`).
         columns: Column names (`data.columns`): prompt, and completion/chosen for the response.
         format: `data.format` (see the module docstring for what each means for SFT).
 
@@ -168,11 +169,11 @@ def load_sft_rows(
         DataError: For a bad row (on_error="raise"), or when there are no rows.
     """
     _check_sft_config(format, columns)
-    rows = read_rows(source, split=split)
+    on: Literal["raise", "skip"] = "skip" if on_error == "skip" else "raise"
+    rows = read_rows(source, split=split, on_error=on)
     if not rows:
         raise DataError("no rows", file=str(source))
     if format in PREFERENCE_FORMATS:
-        on: Literal["raise", "skip"] = "skip" if on_error == "skip" else "raise"
         pairs, report = normalize_rows(
             rows, format=format, columns=columns, source=str(source), on_error=on
         )
@@ -181,6 +182,9 @@ def load_sft_rows(
     out: list[tuple[int, Text, Text]] = []
     skipped: list[int] = []
     for index, row in enumerate(rows):
+        if isinstance(row, UnreadableRow):  # a JSONL line that could not be read (skip only)
+            skipped.append(index)
+            continue
         try:
             prompt, response = _sft_row(row, RowContext(str(source), index), columns, format)
         except DataError:
