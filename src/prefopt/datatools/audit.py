@@ -9,13 +9,20 @@ the prompt/response boundary of every row), else in whitespace-separated words.
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.data.records import PreferencePair, Text
-from prefopt.datatools.loader import EMPTY_FIELD, LoadedData
+from prefopt.data.records import PreferencePair
+from prefopt.datatools.audit_findings import (
+    Lengths,
+    duplicate_findings,
+    length_findings,
+    load_findings,
+    measure_lengths,
+    text_key,
+)
+from prefopt.datatools.loader import LoadedData
 from prefopt.errors import ConfigError
 
 __all__ = [
@@ -60,9 +67,6 @@ PROBLEMS = (
 
 _WARNINGS = ("truncated", "boundary_fixed", "length_gap")
 _STRONG_BIAS = 0.65  # share of pairs with the longer response chosen that earns a warning
-_NO_LIMIT = sys.maxsize
-
-Lengths = tuple[int, int, int]  # prompt, chosen, rejected
 
 
 @dataclass
@@ -242,13 +246,6 @@ class AuditReport:
         }
 
 
-def text_key(text: Text, strip: bool = False) -> object:
-    """A hashable key for text or messages (contents stripped of whitespace if `strip`)."""
-    if isinstance(text, str):
-        return text.strip() if strip else text
-    return tuple((m["role"], m["content"].strip() if strip else m["content"]) for m in text)
-
-
 def load_audit_tokenizer(model: str) -> Any:
     """The tokenizer of a model folder, .gguf, bundled name or Hub id (no weights loaded)."""
     from prefopt.config import ModelConfig
@@ -280,17 +277,7 @@ def audit_data(
     Raises:
         ConfigError: For unpaired (KTO) data, or bad limits.
     """
-    if not data.paired:
-        raise ConfigError("audit and clean work on paired data; this file holds unpaired rows")
-    limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
-    if limit < 2:
-        raise ConfigError(f"max_length must be at least 2, got {limit}")
-    if max_prompt_length is not None and not 1 <= max_prompt_length < limit:
-        raise ConfigError(
-            f"max_prompt_length must be in [1, max_length={limit}), got {max_prompt_length}"
-        )
-    if max_length_ratio is not None and not max_length_ratio >= 1:
-        raise ConfigError(f"max_length_ratio must be >= 1, got {max_length_ratio}")
+    limit = _check_limits(data, max_length, max_prompt_length, max_length_ratio)
     pairs: list[PreferencePair] = list(data.examples)  # type: ignore[arg-type]
     report = AuditReport(
         source=data.source,
@@ -304,118 +291,33 @@ def audit_data(
         max_length=limit,
         max_prompt_length=max_prompt_length,
     )
-    _load_findings(report, data)
-    identical = _duplicates(report, pairs)
-    candidates = [p for p in pairs if p.index not in identical]
-    if tokenizer is not None:
-        token_ids = _tokenize(report, candidates, tokenizer)
-        report.lengths = {i: (len(p), len(c), len(r)) for i, (p, c, r) in token_ids.items()}
-    else:
-        token_ids = {}
-        report.lengths = {p.index: _word_lengths(p) for p in candidates}
-        report.notes.append(
-            "lengths are whitespace-separated words (no --model): token counts, chat template "
-            "and special tokens included, will be larger"
-        )
+    load_findings(report, data)
+    identical = duplicate_findings(report, pairs)
+    token_ids = measure_lengths(report, [p for p in pairs if p.index not in identical], tokenizer)
     if max_length is None:
         report.notes.append(f"max_length {limit} is prefopt's default (pass --max-length)")
-    _length_findings(report, token_ids, max_length_ratio)
+    length_findings(report, token_ids, max_length_ratio)
     for name, rows in report.findings.items():
         report.findings[name] = sorted(set(rows))
     return report
 
 
-def _load_findings(report: AuditReport, data: LoadedData) -> None:
-    """Rows left out while loading: unreadable lines, unusable rows, empty fields."""
-    unreadable: dict[str, list[int]] = {}
-    unusable: dict[str, list[int]] = {}
-    for reason, rows in data.report.dropped.items():
-        if reason == EMPTY_FIELD:
-            continue  # its own finding
-        for row in rows:
-            target = unreadable if data.rows[row] is None else unusable
-            target.setdefault(reason, []).append(row)
-    report.reasons = {"unreadable": unreadable, "unusable": unusable}
-    for name, by_reason in report.reasons.items():
-        report.findings[name] = [row for rows in by_reason.values() for row in rows]
-    report.findings["empty_field"] = list(data.empty_fields)
-
-
-def _duplicates(report: AuditReport, pairs: Sequence[PreferencePair]) -> set[int]:
-    """Flag identical responses, then exact and prompt duplicates among the other rows.
-
-    Returns:
-        The rows with identical responses (left out of the later checks).
-    """
-    identical = {
-        p.index for p in pairs if text_key(p.chosen, strip=True) == text_key(p.rejected, strip=True)
-    }
-    report.distinct_prompts = len({text_key(p.prompt) for p in pairs})
-    seen_pairs: set[object] = set()
-    seen_prompts: set[object] = set()
-    for pair in pairs:
-        if pair.index in identical:
-            continue
-        prompt = text_key(pair.prompt)
-        key = (prompt, text_key(pair.chosen), text_key(pair.rejected))
-        if key in seen_pairs:
-            report.findings["exact_duplicate"].append(pair.index)
-        elif prompt in seen_prompts:
-            report.findings["prompt_duplicate"].append(pair.index)
-        seen_pairs.add(key)
-        seen_prompts.add(prompt)
-    report.findings["identical"] = sorted(identical)
-    return identical
-
-
-def _tokenize(
-    report: AuditReport, pairs: Sequence[PreferencePair], tokenizer: Any
-) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """Tokenize without a length limit (so lengths are whole); flag boundary fixes and drops."""
-    from prefopt.tokenize import tokenize_pairs
-
-    tokenized, tok_report = tokenize_pairs(pairs, tokenizer, max_length=_NO_LIMIT, on_error="skip")
-    report.findings["tokenization"] = [r for rows in tok_report.dropped.values() for r in rows]
-    report.reasons["tokenization"] = tok_report.dropped
-    report.findings["boundary_fixed"] = list(tok_report.boundary_fixed)
-    report.tokenizer = {
-        "bos_token": tok_report.bos_token if tok_report.adds_bos else None,
-        "eos_token": tok_report.eos_token,
-        "chat_template": tok_report.chat_template,
-        "rows_tokenized": tok_report.kept,
-    }
-    return {t.index: (t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in tokenized}
-
-
-def _words(text: Text) -> int:
-    if isinstance(text, str):
-        return len(text.split())
-    return sum(len(m["content"].split()) for m in text)
-
-
-def _word_lengths(pair: PreferencePair) -> Lengths:
-    return _words(pair.prompt), _words(pair.chosen), _words(pair.rejected)
-
-
-def _length_findings(
-    report: AuditReport,
-    token_ids: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
+def _check_limits(
+    data: LoadedData,
+    max_length: int | None,
+    max_prompt_length: int | None,
     max_length_ratio: float | None,
-) -> None:
-    """Rows the limits would drop or cut (as `prefopt.tokenize._truncate` does: the prompt
-    from the left to max_prompt_length, then the responses to the room left), and length gaps."""
-    limit, prompt_limit = report.max_length, report.max_prompt_length
-    for row, (prompt, chosen, rejected) in report.lengths.items():
-        prompt_cut = prompt_limit is not None and prompt > prompt_limit
-        room = limit - (min(prompt, prompt_limit) if prompt_limit is not None else prompt)
-        if room <= 0:
-            report.findings["length_dropped"].append(row)
-        elif max(chosen, rejected) > room or prompt_cut:
-            ids = token_ids.get(row)
-            if ids is not None and ids[1][:room] == ids[2][:room]:
-                report.findings["length_dropped"].append(row)  # identical once cut
-            else:
-                report.findings["truncated"].append(row)
-        longer, shorter = max(chosen, rejected), max(min(chosen, rejected), 1)
-        if max_length_ratio is not None and longer > max_length_ratio * shorter:
-            report.findings["length_gap"].append(row)
+) -> int:
+    """The max_length to assume, after refusing unpaired data and bad limits."""
+    if not data.paired:
+        raise ConfigError("audit and clean work on paired data; this file holds unpaired rows")
+    limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
+    if limit < 2:
+        raise ConfigError(f"max_length must be at least 2, got {limit}")
+    if max_prompt_length is not None and not 1 <= max_prompt_length < limit:
+        raise ConfigError(
+            f"max_prompt_length must be in [1, max_length={limit}), got {max_prompt_length}"
+        )
+    if max_length_ratio is not None and not max_length_ratio >= 1:
+        raise ConfigError(f"max_length_ratio must be >= 1, got {max_length_ratio}")
+    return limit
