@@ -79,17 +79,22 @@ def prompt_text(prompt: Text) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
-def _check_score(name: str, value: Any) -> float:
-    """A judge's score as a finite float, or an error naming the judge."""
+class NonFiniteScore(PrefoptError):
+    """A judge returned something that is not a finite number (NaN, ±inf, not a number): a
+    problem of that reply, unlike a judge that cannot load or run."""
+
+
+def check_score(name: str, value: Any) -> float:
+    """A judge's score as a finite float, or `NonFiniteScore` naming the judge."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise PrefoptError(
+            raise NonFiniteScore(
                 f"judge '{name}' returned {type(value).__name__}, expected a number"
             ) from None
     if not math.isfinite(value):
-        raise PrefoptError(f"judge '{name}' returned {value}, expected a finite number")
+        raise NonFiniteScore(f"judge '{name}' returned {value!r}, expected a finite number")
     return float(value)
 
 
@@ -106,7 +111,7 @@ class FunctionJudge:
         self.fn = fn
 
     def __call__(self, prompt: Text, response: str) -> float:
-        return _check_score(self.name, self.fn(prompt_text(prompt), response))
+        return check_score(self.name, self.fn(prompt_text(prompt), response))
 
     def score_batch(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
         return [self(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -264,7 +269,7 @@ class RewardModelJudge:
                 ).to(self.device)  # fmt: skip
                 logits = self.model(**enc).logits.float()  # [B, num_labels]
                 scores.extend(logits[:, self.label].tolist())
-        return [_check_score(self.name, s) for s in scores]
+        return [check_score(self.name, s) for s in scores]
 
     def __call__(self, prompt: Text, response: str) -> float:
         return self.score_batch([prompt], [response])[0]

@@ -1,21 +1,24 @@
 """Judging a build's replies: a score that is not a finite number is a problem of its prompt
 (`NonFiniteScore`: the build stops naming the prompt, or with on_error="skip" drops it); any
-other judge error (a model that cannot load, a device error) stops the build as it is."""
+other judge error (a model that cannot load, a device error) stops the build as it is.
+
+The judges check their scores themselves (`prefopt.judges.NonFiniteScore`); a batch with a
+bad score is scored again prompt by prompt to find whose it is."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from prefopt import judges
 from prefopt.data.records import Text
 from prefopt.errors import DataError, PrefoptError
-from prefopt.judges import FunctionJudge, Judge, prompt_text
+from prefopt.judges import Judge
 
 if TYPE_CHECKING:
     from prefopt.datatools.sampling import Sample
 
-__all__ = ["NonFiniteScore", "check_scores", "score_prompts"]
+__all__ = ["NonFiniteScore", "score_prompts"]
 
 
 class NonFiniteScore(DataError):
@@ -34,45 +37,33 @@ def score_prompts(
     """
     kept = [list(dict.fromkeys(x.text for x in rs if x.text)) for rs in replies]
     texts = [t for ks in kept for t in ks]
-    flat = _raw_scores(judge, [p for p, ks in zip(prompts, kept, strict=True) for _ in ks], texts)
+    try:
+        flat = _scores(judge, [p for p, ks in zip(prompts, kept, strict=True) for _ in ks], texts)
+    except judges.NonFiniteScore:
+        return [_prompt_scores(judge, p, ks) for p, ks in zip(prompts, kept, strict=True)]
     out: list[list[float] | NonFiniteScore] = []
     pos = 0
     for ks in kept:
-        try:
-            out.append(check_scores(judge.name, flat[pos : pos + len(ks)]))
-        except NonFiniteScore as error:
-            out.append(error)
+        out.append(flat[pos : pos + len(ks)])
         pos += len(ks)
     return out
 
 
-def check_scores(name: str, scores: Sequence[Any]) -> list[float]:
-    """The scores as floats (converted as `prefopt.judges` does), or `NonFiniteScore` for the
-    first that is not a finite number."""
-    out = []
-    for value in scores:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise NonFiniteScore(
-                    f"judge '{name}' returned {type(value).__name__}, expected a number"
-                ) from None
-        if not math.isfinite(value):
-            raise NonFiniteScore(f"judge '{name}' returned {value!r}, expected a finite number")
-        out.append(float(value))
-    return out
+def _prompt_scores(judge: Judge, prompt: Text, texts: list[str]) -> list[float] | NonFiniteScore:
+    try:
+        return _scores(judge, [prompt] * len(texts), texts)
+    except judges.NonFiniteScore as error:
+        return NonFiniteScore(str(error))
 
 
-def _raw_scores(judge: Judge, prompts: Sequence[Text], texts: Sequence[str]) -> list[Any]:
-    """The judge's scores, unchecked. A `FunctionJudge`'s function is called directly: the
-    judge's own check raises the same PrefoptError for NaN as for any other problem, so the
-    two could not be told apart."""
-    if isinstance(judge, FunctionJudge):
-        return [judge.fn(prompt_text(p), t) for p, t in zip(prompts, texts, strict=True)]
+def _scores(judge: Judge, prompts: Sequence[Text], texts: Sequence[str]) -> list[float]:
+    """The judge's checked scores, one per reply."""
+    if not texts:
+        return []
     scores = list(judge.score_batch(prompts, texts))
     if len(scores) != len(texts):
         raise PrefoptError(
             f"judge '{judge.name}' returned {len(scores)} scores for {len(texts)} replies"
         )
-    return scores
+    # Judges outside prefopt.judges (any object with score_batch) may not check their scores.
+    return [judges.check_score(judge.name, s) for s in scores]
