@@ -50,9 +50,9 @@ from prefopt.data.loading import read_rows
 from prefopt.data.records import Message, PreferencePair, Text, UnpairedExample, UnreadableRow
 from prefopt.errors import ConfigError, DataError, TokenizationError
 from prefopt.step import StepOutput
-from prefopt.tokenize import tokenize_examples
+from prefopt.tokenize import _example, _tokenize_all  # the row loop SFT shares
 from prefopt.tokenized import TokenizedExample, TokenizeReport
-from prefopt.tokenizer_info import RowError, TokenizerInfo, inspect_tokenizer
+from prefopt.tokenizer_info import RowError, TokenizerInfo
 
 NATIVE_FORMATS = ("auto", "standard", "conversational")
 """Formats read as SFT rows (prompt + one response, or messages)."""
@@ -334,35 +334,21 @@ def tokenize_sft_rows(
     Returns:
         The examples in source order (bad rows left out under on_error="skip") and the report.
     """
-    single = [e for e in examples if not _is_multi_turn(e)]
-    multi = [e for e in examples if _is_multi_turn(e)]
-    out: list[TokenizedExample]
-    out, report = tokenize_examples(
-        single, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-        on_error=on_error, progress=progress,
+    return _tokenize_all(
+        examples, _sft_example, tokenizer, None, (max_length, max_prompt_length), on_error,
+        progress,
     )  # fmt: skip
-    out = [
-        TokenizedExample(t.index, t.prompt_ids, t.completion_ids, None, t.truncated) for t in out
-    ]
-    if multi:
-        info = inspect_tokenizer(tokenizer, None)
-        for ex in multi:
-            report.rows += 1
-            try:
-                tok = _multi_turn_example(info, ex, max_length, max_prompt_length)
-            except RowError as err:
-                if on_error == "raise":
-                    raise
-                report.drop(err.code, ex.index)
-                continue
-            out.append(tok)
-            report.kept += 1
-            if tok.truncated:
-                report.truncated.append(ex.index)
-        order = {e.index: i for i, e in enumerate(examples)}
-        out.sort(key=lambda t: order[t.index])
-        report.truncated.sort(key=order.__getitem__)
-    return out, report
+
+
+def _sft_example(
+    info: TokenizerInfo, ex: UnpairedExample, max_length: int, max_prompt_length: int | None
+) -> tuple[TokenizedExample, bool]:
+    """One SFT row: a conversation with several assistant turns scores all of them, anything
+    else tokenizes as `prefopt.tokenize` does (label None: SFT has no desirability)."""
+    if _is_multi_turn(ex):
+        return _multi_turn_example(info, ex, max_length, max_prompt_length), False
+    t, fixed = _example(info, ex, max_length, max_prompt_length)
+    return TokenizedExample(t.index, t.prompt_ids, t.completion_ids, None, t.truncated), fixed
 
 
 def collate_sft(examples: Sequence[TokenizedExample], *, pad_token_id: int) -> ExampleBatch:
