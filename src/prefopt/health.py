@@ -19,6 +19,7 @@ Kinds of finding:
 Per-pair length bias is judged on one evaluation's pairs: from `update_pairs`, or from an eval
 record's `length/margin_corr` (which `evaluation.evaluate_dataset` computes over its pairs).
 `summary()` also says when the overfitting check could not run (fewer than 3 evaluations).
+The checks themselves are pure functions in `health_checks`; this module keeps the state.
 """
 
 from __future__ import annotations
@@ -26,48 +27,30 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from prefopt import health_checks as checks
+from prefopt.health_checks import (
+    MIN_EVALS_FOR_OVERFITTING,
+    SEVERITY_ORDER,
+    Finding,
+    Kind,
+    Severity,
+)
 from prefopt.series_stats import as_float, correlation, linear_fit
 from prefopt.series_stats import metric_numbers as _numbers
-from prefopt.series_stats import series_mean as _mean
 
-Kind = Literal["displacement", "length_bias", "overfitting", "non_finite", "reference_drift"]
-Severity = Literal["info", "warning", "error"]
-
-SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
-MIN_EVALS_FOR_OVERFITTING = 3
-"""Evaluations the overfitting check needs: a best eval loss, then a later rise above it."""
 __all__ = [
     "MIN_EVALS_FOR_OVERFITTING",
     "SEVERITY_ORDER",
     "Finding",
     "HealthMonitor",
+    "Kind",
+    "Severity",
     "as_float",
     "check_history",
     "linear_fit",
 ]
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One health problem.
-
-    Attributes:
-        kind: Which check raised it (see the module docstring).
-        severity: "error" (results are not trustworthy), "warning" (likely a problem) or "info".
-        step: Optimizer step at which it was seen.
-        message: What was measured and what to do about it.
-    """
-
-    kind: Kind
-    severity: Severity
-    step: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{self.severity}] step {self.step} {self.kind}: {self.message}"
 
 
 class HealthMonitor:
@@ -149,13 +132,13 @@ class HealthMonitor:
             self._step = int(step)
         split = str(record.get("split", "train"))
         values = _numbers(record)
-        new = self._judge("non_finite", split, self._non_finite(values, split))
+        new = self._judge("non_finite", split, checks.non_finite(values, split, self._step))
         finite = {k: v for k, v in values.items() if math.isfinite(v)}
         finite["step"] = float(self._step)
         if split == "train":
             self._train.append(finite)
             new += self._judge("displacement", "train", self._displacement_train())
-            new += self._judge("length_bias", "train", self._length_bias_records())
+            new += self._judge("length_bias", "train", self._length_bias_train())
         elif split == "eval":
             self._evals.append(finite)
             new += self._judge("displacement", "eval", self._displacement_eval())
@@ -166,7 +149,7 @@ class HealthMonitor:
             # At step 0 the margins are the reference's own (zero, or rounding noise when the
             # reference equals the policy): nothing has been learned yet to be biased.
             if r is not None and pairs is not None and self._step > 0:
-                new += self._judge("length_bias", "pairs", self._length_r_finding(r, pairs))
+                new += self._judge("length_bias", "pairs", self._length_bias_pairs(r, pairs))
         return new
 
     def update_pairs(
@@ -183,7 +166,7 @@ class HealthMonitor:
         finding = None
         if clean:
             diffs, margins = zip(*clean, strict=True)
-            finding = self._length_r_finding(correlation(diffs, margins), len(clean))
+            finding = self._length_bias_pairs(correlation(diffs, margins), len(clean))
         return self._judge("length_bias", "pairs", finding)
 
     def reference_check(
@@ -201,26 +184,7 @@ class HealthMonitor:
             tolerance: Override of `reference_tolerance` (e.g. scaled for bf16).
         """
         tol = self.reference_tolerance if tolerance is None else tolerance
-        finding = None
-        if not math.isfinite(max_abs_diff):
-            finding = self._finding(
-                "reference_drift", "error", f"reference log-probs are {max_abs_diff}"
-            )
-        elif expected_equal and max_abs_diff > tol:
-            finding = self._finding(
-                "reference_drift", "error",
-                f"the reference differs from the starting policy by {max_abs_diff:.3g} nats "
-                f"(tolerance {tol:.3g}) although it should equal it: every reward is biased. "
-                "Check that reference.model / the cache matches model.name_or_path "
-                "(or delete reference.cache_dir)",
-            )  # fmt: skip
-        elif not expected_equal and max_abs_diff <= tol:
-            finding = self._finding(
-                "reference_drift", "warning",
-                f"the reference is meant to be a different model but matches the policy "
-                f"(max |Δ log π| = {max_abs_diff:.3g} nats): is reference.model the same "
-                "checkpoint as model.name_or_path?",
-            )  # fmt: skip
+        finding = checks.reference_start(max_abs_diff, expected_equal, tol, self._step)
         return self._judge("reference_drift", "reference", finding)
 
     def summary(self) -> list[Finding]:
@@ -240,15 +204,13 @@ class HealthMonitor:
             if len(group) > 1:
                 message += f" (raised {len(group)} times, first at step {group[0].step})"
             out.append(Finding(last.kind, severity, last.step, message))
-        unchecked = self._overfitting_unchecked() if "overfitting" not in by_kind else None
-        if unchecked is not None:
-            out.append(unchecked)
+        if "overfitting" not in by_kind:
+            unchecked = checks.overfitting_unchecked(self._evals, self._step)
+            if unchecked is not None:
+                out.append(unchecked)
         return sorted(out, key=lambda f: (SEVERITY_ORDER[f.severity], f.step))
 
     # ----------------------------------------------------------------- bookkeeping
-
-    def _finding(self, kind: Kind, severity: Severity, message: str) -> Finding:
-        return Finding(kind, severity, self._step, message)
 
     def _judge(self, kind: str, source: str, finding: Finding | None) -> list[Finding]:
         """Report `finding` if its (kind, source) is not already active; count passes."""
@@ -266,168 +228,49 @@ class HealthMonitor:
                 del self._passes[key]
         return []
 
-    # ----------------------------------------------------------------- checks
-
-    def _overfitting_unchecked(self) -> Finding | None:
-        """An info note when too few evaluations were seen to judge overfitting: it needs a
-        best eval loss and a later rise, so at least 3 evaluations."""
-        n = len(self._evals)
-        if n >= MIN_EVALS_FOR_OVERFITTING:
-            return None
-        if n == 0:
-            why = "the run had no evaluation (no held-out data)"
-            fix = "give held-out data (data.eval or data.eval_fraction) and set eval.every_steps"
-        else:
-            steps = ", ".join(str(int(e["step"])) for e in self._evals)
-            why = f"only {n} evaluation{'s' if n > 1 else ''} (step {steps})"
-            fix = "set eval.every_steps to about a fifth of the run's steps"
-        return self._finding(
-            "overfitting", "info",
-            f"overfitting was not checked: {why}, and the check needs eval loss at "
-            f"{MIN_EVALS_FOR_OVERFITTING} or more points (a best value, then a rise). To have "
-            f"it checked, {fix}",
-        )  # fmt: skip
-
-    def _reference_drift_eval(self) -> Finding | None:
-        """The latest eval's mean reference log-probs against the first eval's."""
-        keys = ("ref_logps/chosen", "ref_logps/rejected")
-        first = next((e for e in self._evals if any(k in e for k in keys)), None)
-        last = self._evals[-1]
-        if first is None or first is last:
-            return None
-        worst = None
-        for key in (k for k in keys if k in first and k in last):
-            change = abs(last[key] - first[key]) / max(1.0, abs(first[key]))
-            if change > self.reference_drift_tolerance and (worst is None or change > worst[0]):
-                worst = (change, key)
-        if worst is None:
-            return None
-        key = worst[1]
-        return self._finding(
-            "reference_drift", "error",
-            f"the reference changed during training: its mean {key} on the eval set moved from "
-            f"{first[key]:.4f} (step {int(first['step'])}) to {last[key]:.4f} nats (relative "
-            f"change {worst[0]:.3g}, tolerance {self.reference_drift_tolerance:.3g}). A frozen "
-            "reference scores the same eval pairs the same every time: it is being trained or "
-            "was rebuilt differently (e.g. after a resume), so rewards and loss are measured "
-            "against a moving target",
-        )  # fmt: skip
-
-    def _non_finite(self, values: dict[str, float], split: str) -> Finding | None:
-        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-        if not bad:
-            return None
-        shown = ", ".join(f"{k}={values[k]}" for k in bad[:6]) + (" ..." if len(bad) > 6 else "")
-        return self._finding(
-            "non_finite", "error",
-            f"non-finite {split} metrics: {shown}. Lower optim.lr, keep optim.max_grad_norm on, "
-            "use float32/bf16 rather than fp16, and check the data rows of that step",
-        )  # fmt: skip
-
-    def _series(self, records: Iterable[dict[str, float]], *keys: str) -> list[list[float]]:
-        rows = [r for r in records if all(k in r for k in keys)]
-        return [[r[k] for r in rows] for k in keys]
+    # ----------------------------------------------------------------- checks on the state
 
     def _displacement_train(self) -> Finding | None:
-        recent = list(self._train)[-self.window :]
-        steps, chosen, margins = self._series(recent, "step", "logps/chosen", "rewards/margins")
-        if len(steps) < self.min_points:
-            return None
-        c_slope, _, c_r = linear_fit(steps, chosen)
-        m_slope, _, m_r = linear_fit(steps, margins)
-        falling = c_slope < -self.displacement_slope and c_r <= -self.trend_corr
-        if not (falling and m_slope > 0 and m_r >= self.trend_corr):
-            return None
-        return self._finding(
-            "displacement", "warning",
-            f"chosen log-probs fall ({c_slope:+.3g} nats/step, r={c_r:.2f}) while margins grow "
-            f"({m_slope:+.3g}/step) over steps {int(steps[0])}-{int(steps[-1])}: likelihood "
-            "displacement (the policy pushes the chosen responses down too). " + _DISPLACE_FIX,
-        )  # fmt: skip
+        return checks.displacement_train(
+            list(self._train)[-self.window :],
+            self._step,
+            min_points=self.min_points,
+            slope=self.displacement_slope,
+            trend_corr=self.trend_corr,
+        )
 
     def _displacement_eval(self) -> Finding | None:
-        per_token = [
-            (e["logps/chosen"] / e["tokens/chosen"], e["rewards/margins"])
-            for e in self._evals
-            if e.get("tokens/chosen", 0) > 0 and "logps/chosen" in e and "rewards/margins" in e
-        ]
-        if len(per_token) < 2:
-            return None
-        (c0, m0), (c1, m1) = per_token[0], per_token[-1]
-        if not (c1 < c0 - self.displacement_eval_drop and m1 > m0):
-            return None
-        return self._finding(
-            "displacement", "warning",
-            f"eval chosen log-prob per token fell from {c0:.3f} to {c1:.3f} while the margin "
-            f"grew from {m0:.3f} to {m1:.3f}: likelihood displacement. " + _DISPLACE_FIX,
-        )  # fmt: skip
-
-    def _length_bias_records(self) -> Finding | None:
-        recent = list(self._train)[-self._length_window :]
-        steps, tc, tr, margins = self._series(
-            recent, "step", "tokens/chosen", "tokens/rejected", "rewards/margins"
+        return checks.displacement_eval(
+            self._evals, self._step, eval_drop=self.displacement_eval_drop
         )
-        if len(steps) < self.length_min_points:
-            return None
-        # Margins grow with training whatever the lengths; correlate the length gap with the
-        # margin left over after the trend, or a steady trend would hide (or fake) the effect.
-        slope, intercept, _ = linear_fit(steps, margins)
-        residual = [m - (slope * s + intercept) for s, m in zip(steps, margins, strict=True)]
-        diffs = [c - r for c, r in zip(tc, tr, strict=True)]
-        return self._length_finding(diffs, residual, "train batches")
 
-    def _length_finding(
-        self, diffs: list[float], margins: list[float], source: str
-    ) -> Finding | None:
-        return self._length_message(correlation(diffs, margins), f"{len(diffs)} {source}")
+    def _length_bias_train(self) -> Finding | None:
+        return checks.length_bias_train(
+            list(self._train)[-self._length_window :],
+            self._step,
+            min_points=self.length_min_points,
+            corr=self.length_corr,
+        )
 
-    def _length_r_finding(self, r: float, pairs: float) -> Finding | None:
-        """Length bias from per-pair data: Pearson r of length gap and margin over `pairs`."""
-        if pairs < self.length_min_points:
-            return None
-        return self._length_message(r, f"{int(pairs)} pairs")
-
-    def _length_message(self, r: float, over: str) -> Finding | None:
-        if abs(r) <= self.length_corr:
-            return None
-        side = "longer" if r > 0 else "shorter"
-        return self._finding(
-            "length_bias", "warning",
-            f"the reward margin follows the length gap (r={r:.2f}, r²={r * r:.2f} over "
-            f"{over}): the policy may be learning to prefer the {side} "
-            "response rather than the better one. Try a length-normalised loss "
-            "(loss.name=simpo) or balance chosen/rejected lengths in the data",
-        )  # fmt: skip
+    def _length_bias_pairs(self, r: float, pairs: float) -> Finding | None:
+        return checks.length_bias_pairs(
+            r, pairs, self._step, min_points=self.length_min_points, corr=self.length_corr
+        )
 
     def _overfitting(self) -> Finding | None:
-        losses = [e["loss"] for e in self._evals if "loss" in e]
-        recent = list(self._train)[-self.window :]
-        if len(losses) < 2 or not recent:
-            return None
-        current, best = losses[-1], min(losses[:-1])
-        if current <= best + self.overfit_loss_rise:
-            return None
-        last = self._evals[-1]
-        train_acc = _mean(r["rewards/accuracies"] for r in recent if "rewards/accuracies" in r)
-        train_loss = _mean(r["loss"] for r in recent if "loss" in r)
-        eval_acc = last.get("rewards/accuracies", math.nan)
-        acc_gap = train_acc - eval_acc  # NaN (no accuracies) compares False below
-        loss_gap = current - train_loss
-        if not (acc_gap > self.overfit_acc_gap or loss_gap > self.overfit_loss_gap):
-            return None
-        return self._finding(
-            "overfitting", "warning",
-            f"eval loss rose from its best {best:.4f} to {current:.4f} while train pulls away "
-            f"(accuracy train {train_acc:.2f} vs eval {eval_acc:.2f}, "
-            f"loss train {train_loss:.4f} vs eval {current:.4f}): overfitting. Stop at the best "
-            "eval with eval.early_stopping_metric=loss eval.early_stopping_mode=min "
-            "(and eval.every_steps>0), or train fewer epochs / raise loss.beta",
-        )  # fmt: skip
+        return checks.overfitting(
+            self._evals,
+            list(self._train)[-self.window :],
+            self._step,
+            loss_rise=self.overfit_loss_rise,
+            acc_gap=self.overfit_acc_gap,
+            loss_gap=self.overfit_loss_gap,
+        )
 
-
-_DISPLACE_FIX = (
-    "Add an NLL term on the chosen responses (loss.name=[sigmoid, sft]) or lower optim.lr"
-)
+    def _reference_drift_eval(self) -> Finding | None:
+        return checks.reference_drift(
+            self._evals, self._step, tolerance=self.reference_drift_tolerance
+        )
 
 
 def check_history(
