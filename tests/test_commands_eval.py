@@ -193,6 +193,31 @@ def test_score_identical_policy_and_reference_gives_zero(assets, tmp_path: Path)
     assert _jsonl(out)[0]["reward"] != 0.0
 
 
+def test_score_normalize_ranks_by_reward_per_token(assets, tmp_path: Path) -> None:
+    """A long and a short response the policy both made likelier: the long one gains more in
+    total, the short one more per token, so --normalize flips their ranks."""
+    short, long = "the cat is good .", " ".join(["the cat is good ."] * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "hello", "response": short}, {"prompt": "hello", "response": long},
+    ])  # fmt: skip
+    ranked = {}
+    for extra in ([], ["--normalize"]):
+        out = tmp_path / f"s{len(extra)}.jsonl"
+        assert main(["score", "--model", str(assets["good"]), "--ref", str(assets["base"]),
+                     "--data", str(data), "--output", str(out), *extra]) == 0  # fmt: skip
+        ranked[bool(extra)] = rows = _jsonl(out)
+        for row in rows:
+            assert row["reward_per_token"] == pytest.approx(row["reward"] / row["tokens"])
+    by_total, by_token = ranked[False], ranked[True]
+    assert by_total[1]["tokens"] > by_total[0]["tokens"]
+    assert by_total[1]["reward"] > by_total[0]["reward"] > 0
+    assert by_total[0]["reward_per_token"] > by_total[1]["reward_per_token"]
+    assert [r["rank"] for r in by_total] == [2, 1]
+    assert [r["rank"] for r in by_token] == [1, 2]
+    # Only the ranking changes with --normalize, not the scores.
+    assert [r["reward"] for r in by_token] == [r["reward"] for r in by_total]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
