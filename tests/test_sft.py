@@ -96,6 +96,28 @@ def test_sft_cli_and_bad_rows(assets: dict[str, Path], tmp_path: Path, capsys):
     assert (out / "metrics.jsonl").is_file() and (out / "report" / "index.html").is_file()
 
 
+@pytest.mark.parametrize(
+    "setting", ["loss.name=sigmoid", "loss.name=[sigmoid, sft]", "data.sft=false"]
+)
+def test_the_sft_command_refuses_settings_it_would_replace(
+    assets: dict[str, Path], tmp_path: Path, capsys, setting: str
+):
+    """`prefopt sft loss.name=sigmoid` must not train SFT silently: the setting is named."""
+    key = setting.split("=")[0]
+    code = main(["sft", f"model.name_or_path={assets['model']}", f"data.train={assets['train']}",
+                 f"output.dir={tmp_path / 'o'}", setting])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"prefopt sft sets {key}=" in err and "the config asks for" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    # Saying what the command says anyway is fine, in either spelling.
+    from prefopt.config_io import load_config
+
+    fixed = {"data.sft": True, "loss.name": "sft"}
+    cfg = load_config(None, ["loss.name=[sft]", "data.sft=true"], fixed=fixed)
+    assert cfg.loss.names == ["sft"] and cfg.data.sft
+
+
 def test_sft_refuses_other_losses(assets: dict[str, Path], tmp_path: Path):
     with pytest.raises(ConfigError, match="sft"):
         load_config(None, ["data.sft=true", "loss.name=sigmoid"])

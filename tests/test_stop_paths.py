@@ -138,3 +138,47 @@ def test_non_finite_steps_reach_health_and_report(
     assert any(r.get("non_finite_step") == 1.0 for r in records)
     page = (out / "report" / "index.html").read_text()
     assert "non-finite training step(s)" in page
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_finite_loss_with_an_infinite_gradient_is_caught(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_nan: str
+):
+    """The check looks at the gradient norm too: step 2's loss is finite, its gradient is not."""
+    import prefopt.evaluation as evaluation
+    from prefopt.step import StepOutput
+
+    real, calls = evaluation.paired_step, []
+
+    def infinite_gradient_at_step_2(*a: Any, **k: Any) -> StepOutput:
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) != 2:
+            return out
+        return StepOutput(_InfiniteGradient.apply(out.losses), out.metrics)
+
+    monkeypatch.setattr(evaluation, "paired_step", infinite_gradient_at_step_2)
+    extra = ("train.max_steps=3", f"train.on_nan={on_nan}", "optim.lr=1e-3")
+    if on_nan == "stop":
+        with pytest.raises(
+            NonFiniteError, match=r"step 2: non-finite loss=0\.\d+ or grad_norm=(inf|nan)"
+        ):
+            run(assets, tmp_path / "out", *extra)
+        return
+    result = run(assets, tmp_path / "out", *extra)
+    assert result.state.skipped_steps == 1 and result.state.step == 3
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("non_finite_step")]
+    assert [r["step"] for r in skipped] == [2] and skipped[0]["grad_norm"] in ("inf", "nan")

@@ -33,6 +33,17 @@ examples:
   prefopt train configs/smollm2-dpo.yaml loss.beta=0.2 train.max_steps=50
   prefopt train configs/smollm2-dpo.yaml resume=latest"""
 
+SFT_HELP = (
+    CONFIG_HELP.split("\nexamples:")[0]
+    + """
+prefopt sft sets data.sft=true and loss.name=sft; a config asking for another loss is refused.
+
+examples:
+  prefopt sft configs/sft-then-dpo-1-sft.yaml
+  prefopt sft model.name_or_path=./base data.train=chat.jsonl lora.enabled=true
+  prefopt sft configs/sft-then-dpo-1-sft.yaml resume=latest"""
+)
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -75,8 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config_io import load_config
     from prefopt.trainer import Interrupted, train
 
-    forced = ["data.sft=true", "loss.name=sft"] if args.command == "sft" else []
-    cfg = load_config(args.config, args.overrides + forced)
+    sft = args.command == "sft"
+    fixed = {"data.sft": True, "loss.name": "sft"} if sft else None
+    cfg = load_config(args.config, args.overrides, fixed=fixed, fixed_by="prefopt sft")
     try:
         result = train(cfg)
     except Interrupted as exc:
@@ -202,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sft = sub.add_parser(
         "sft",
         help="supervised fine-tuning on prompt/response rows",
-        epilog=CONFIG_HELP,
+        epilog=SFT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p_sft.add_argument("config", nargs="?", help="YAML config (same sections as train)")

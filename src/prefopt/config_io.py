@@ -27,13 +27,20 @@ ALIASES = {"resume": "output.resume", "output_dir": "output.dir", "model": "mode
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    fixed: dict[str, Any] | None = None,
+    fixed_by: str = "",
 ) -> ExperimentConfig:
     """Build and validate a config from a YAML file and `key=value` overrides.
 
     Args:
         path: YAML file (None: all defaults).
         overrides: Strings like "loss.beta=0.2"; values are parsed as YAML ("true", "[a, b]").
+        fixed: Settings a command imposes (`prefopt sft`: data.sft=true, loss.name=sft). A
+            different value in the file or the overrides is refused, never silently replaced.
+        fixed_by: The command that fixes them, for the error message.
 
     Returns:
         A validated ExperimentConfig.
@@ -43,9 +50,33 @@ def load_config(
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
+    for key, value in (fixed or {}).items():
+        _impose(raw, key, value, fixed_by)
     cfg = from_dict(ExperimentConfig, raw, where="")
     cfg.validate()
     return cfg
+
+
+def _impose(raw: dict[str, Any], key: str, value: Any, command: str) -> None:
+    """Set `key` to `value`, refusing a user value that differs (a one-item list counts as
+    its item: `loss.name: [sft]` is `sft`)."""
+    *sections, leaf = key.split(".")
+    node = raw
+    for part in sections:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"'{part}' must be a section (a mapping), got {node[part]!r}")
+        node = node[part]
+    given = node.get(leaf)
+    if isinstance(given, list) and len(given) == 1:
+        given = given[0]
+    if given is not None and given != value:
+        raise ConfigError(
+            f"{command} sets {key}={value}; the config asks for {key}={node[leaf]}. Remove "
+            f"that setting, or use prefopt train for another loss"
+        )
+    node[leaf] = value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

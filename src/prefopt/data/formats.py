@@ -214,7 +214,9 @@ def _check_same_format(
         kind, column = found
         raise FormatMismatchError(
             f"row is in '{kind}' format, but the data is in '{fmt}' format (decided from "
-            "row 0); all rows must use one format",
+            "row 0); all rows must use one format. data.on_error=skip does not cover this: "
+            "convert the file with `prefopt data convert`, or drop such rows with "
+            "`prefopt data clean --on-error skip`",
             file=ctx.source,
             row=ctx.index,
             field=column,
