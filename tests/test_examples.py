@@ -112,7 +112,7 @@ def test_readme_library_snippet_runs(tmp_path: Path) -> None:
     slices): only the model and data paths are swapped. The tokenizer is saved without a pad
     token, as many are. Policy and reference load the same weights, so h = 0 and every loss is
     −log σ(0) = ln 2 = 0.6931471806, with gradients reaching the policy and not the reference
-    (scored under no_grad)."""
+    (frozen: no graph is built for it)."""
     make_model("llama").save_pretrained(tmp_path / "model")
     tokenizer = make_tokenizer()
     tokenizer.pad_token = None
@@ -135,3 +135,4 @@ def test_readme_library_snippet_runs(tmp_path: Path) -> None:
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     reference = scope["reference"]
     assert all(p.grad is None for p in reference.parameters())  # type: ignore[attr-defined]
+    assert scope["ref_logps"].grad_fn is None  # type: ignore[attr-defined]
