@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prefopt.config import ExperimentConfig
+from prefopt.config_io import load_config
 from prefopt.deepspeed_state import (
     check_resume_matches,
     engine_dir,
@@ -324,6 +326,18 @@ def load_checkpoint(
 def _load_weights_and_optimizer(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
+    load_trainable(path, model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    shard_optimizer_state(optimizer)
+
+
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """Copy checkpoint `path`'s trainable weights into `model`, built as its run built it.
+
+    Raises:
+        PrefoptError: A trainable parameter of `model` missing from the checkpoint, or a
+            checkpoint tensor that is no parameter of `model` or has another shape.
+    """
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -337,5 +351,17 @@ def _load_weights_and_optimizer(
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(shard_like(tensor, params[name]))  # FSDP: this process's shard
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    shard_optimizer_state(optimizer)
+
+
+def checkpoint_run_config(location: str | Path) -> ExperimentConfig | None:
+    """The config of the run that wrote checkpoint folder `location` (its `config.yaml`), or
+    None when `location` is not a checkpoint (no trainable.safetensors and config.yaml)."""
+    path = Path(location)
+    if not ((path / "trainable.safetensors").is_file() and (path / "config.yaml").is_file()):
+        return None
+    return load_config(path / "config.yaml")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer steps done when checkpoint `path` was saved."""
+    return int(json.loads((path / "trainer_state.json").read_text())["step"])
