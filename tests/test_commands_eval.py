@@ -1,21 +1,26 @@
 """End-to-end tests of `prefopt generate`, `prefopt judge` and `prefopt score` on tiny saved
-models, through `prefopt.cli.main` (no download)."""
+models and training checkpoints, through `prefopt.cli.main` (no download)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefopt.cli import main
+from prefopt.cli_models import load_models
+from prefopt.errors import ConfigError
 from prefopt.logprobs import SequenceLogprobModel
 from prefopt.tokenize import tokenize_sft
-from toy_models import save_toy_model, write_jsonl
+from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
 
 SAMPLING = ["--max-new-tokens", "8", "--num-samples", "2", "--batch-size", "2", "--quiet"]
 PROMPTS = [
@@ -216,6 +221,85 @@ def test_score_normalize_ranks_by_reward_per_token(assets, tmp_path: Path) -> No
     assert [r["rank"] for r in by_token] == [1, 2]
     # Only the ranking changes with --normalize, not the scores.
     assert [r["reward"] for r in by_token] == [r["reward"] for r in by_total]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two 2-step toy training runs, full fine-tune and LoRA, checkpointed after each step."""
+    root = tmp_path_factory.mktemp("runs")
+    assets = {
+        "model": save_toy_model(root / "model", "llama", seed=0),
+        "train": write_jsonl(root / "train.jsonl", learnable_pairs(8, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(4, seed=1)),
+    }
+    lora = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj, v_proj]"]
+    for name, extra in {"full": [], "lora": lora}.items():
+        toy_train(assets, root / name, "train.max_steps=2", "output.save_every=1",
+                  "output.report=false", "judge.report_samples=0", *extra)  # fmt: skip
+    return {"full": root / "full", "lora": root / "lora", "start": assets["model"]}
+
+
+def _steps(out: Path) -> list[str]:
+    found = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in found] == ["step-000001", "step-000002"]
+    return [str(p) for p in found]
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_judge_ranks_training_checkpoints(
+    assets, runs, kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`judge --models step-1 step-2 OUTPUT/model`: checkpoints load like model folders."""
+    models = [*_steps(runs[kind]), str(runs[kind] / "model")]
+    report_path = tmp_path / "bt.json"
+    with caplog.at_level(logging.INFO, logger="prefopt.evaluation"):
+        assert main(["judge", "--models", *models, "--prompts", str(assets["prompts"]), "--judge",
+                     "length", "--output", str(report_path), *SAMPLING]) == 0  # fmt: skip
+    ranking = json.loads(report_path.read_text())["judges"]["length"]["ranking"]
+    assert sorted(r["model"] for r in ranking) == sorted(models)
+    assert f"step 1 of the training run in {runs[kind]}" in caplog.text
+    assert f"step 2 of the training run in {runs[kind]}" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_last_checkpoint_scores_like_the_final_model(runs, kind: str) -> None:
+    """The step-2 checkpoint of a 2-step run gives the saved model's logits; step 1 does not.
+    A LoRA checkpoint's reference is its starting model (adapters off), as for its model
+    folder; a full fine-tune's needs --ref, as for a model folder."""
+    first, last = _steps(runs[kind])
+    final = str(runs[kind] / "model")
+    loaded = {
+        name: load_models(location, None, device="cpu", need_reference=False)
+        for name, location in [("first", first), ("last", last), ("final", final)]
+    }
+    ids = torch.tensor([loaded["final"].tokenizer("tell me about the cat").input_ids])
+    with torch.no_grad():
+        logits = {name: m.policy(ids).logits for name, m in loaded.items()}
+        assert torch.equal(logits["last"], logits["final"])
+        assert not torch.equal(logits["first"], logits["last"])
+        start = AutoModelForCausalLM.from_pretrained(runs["start"])(ids).logits
+        assert not torch.equal(logits["first"], start)
+        if kind == "lora":
+            assert loaded["last"].adapter_reference
+            with loaded["last"].as_reference() as ref:
+                assert torch.equal(ref(ids).logits, start)
+    if kind == "full":
+        with pytest.raises(ConfigError, match="pass --ref"):
+            load_models(last, None, device="cpu")
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_refused(
+    assets, runs, tmp_path: Path, capsys
+) -> None:
+    """LoRA weights under a config that says full fine-tune: refused, naming what differs."""
+    ckpt = Path(shutil.copytree(_steps(runs["lora"])[-1], tmp_path / "step-000002"))
+    run_cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    run_cfg["lora"]["enabled"] = False
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    assert main(["generate", "--model", str(ckpt), "--prompts", str(assets["prompts"]),
+                 "--output", str(tmp_path / "g.jsonl"), *SAMPLING]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "does not match the model" in err and "lora_A" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

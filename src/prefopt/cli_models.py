@@ -41,7 +41,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REF_HELP = "reference model (default: the adapter's base, if --model is a LoRA adapter folder)"
+REF_HELP = (
+    "reference model (default: the adapter's base, if --model is a LoRA adapter folder or a "
+    "checkpoint of a LoRA run)"
+)
 
 
 @dataclass
@@ -79,7 +82,13 @@ class LoadedModels:
 
 
 def is_adapter(location: str) -> bool:
-    return (Path(location) / "adapter_config.json").is_file()
+    """A LoRA policy: an adapter folder, or a checkpoint of a LoRA training run."""
+    from prefopt.checkpoint import checkpoint_run_config
+
+    if (Path(location) / "adapter_config.json").is_file():
+        return True
+    run = checkpoint_run_config(location)
+    return run is not None and run.lora.enabled
 
 
 def _model_cfg(location: str, dtype: str) -> Any:
@@ -90,9 +99,14 @@ def _model_cfg(location: str, dtype: str) -> Any:
 
 
 def _tokenizer(location: str, dtype: str) -> Any:
-    """The tokenizer saved with a model; an adapter folder without one falls back to its base."""
+    """The tokenizer saved with a model; an adapter folder without one falls back to its base,
+    a training checkpoint uses its run's."""
+    from prefopt.evaluation import checkpoint_run
     from prefopt.models import load_tokenizer
 
+    run = checkpoint_run(_model_cfg(location, dtype), location)
+    if run is not None:
+        return load_tokenizer(run.model)
     folder = Path(location)
     if is_adapter(location) and not (folder / "tokenizer_config.json").is_file():
         adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -108,7 +122,8 @@ def load_models(
     device: str = "auto",
     need_reference: bool = True,
 ) -> LoadedModels:
-    """Load a policy (a model folder, or a LoRA adapter folder on its base) and its reference.
+    """Load a policy (a model folder, a LoRA adapter folder on its base, or a training
+    checkpoint) and its reference.
 
     Without `ref`, an adapter policy's reference is the same model with the adapter disabled
     (no second copy); a full model then has no reference, an error if `need_reference`.
@@ -141,7 +156,11 @@ def load_models(
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """`--model`, `--ref`, `--dtype`, `--device`, `--batch-size`, `--quiet`."""
-    p.add_argument("--model", help="policy: a model folder, or a LoRA adapter folder")
+    p.add_argument(
+        "--model",
+        help="policy: a model folder, a LoRA adapter folder, or a training checkpoint "
+        "(OUTPUT/checkpoints/step-N)",
+    )
     p.add_argument("--ref", help=REF_HELP)
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"

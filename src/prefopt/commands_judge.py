@@ -3,8 +3,8 @@
 Policy and reference sample the same prompts with the same seeds; judges score both sides; the
 win rate (one comparison per prompt, ties apart) comes with a 95% Wilson interval, the mean score
 of each side, and a KL estimate of the policy from the reference on the policy's own samples (the
-DPO paper's reward–KL view). With `--models A B C ...`, checkpoints are ranked by a Bradley–Terry
-fit of their pairwise outcomes.
+DPO paper's reward–KL view). With `--models A B C ...`, models (model folders or training
+checkpoints) are ranked by a Bradley–Terry fit of their pairwise outcomes.
 """
 
 from __future__ import annotations
@@ -224,7 +224,11 @@ def add_judge_parser(sub: Any) -> argparse.ArgumentParser:
         "judge", help="win rate of a policy vs its reference", description=f"Judges: {listing}"
     )
     add_model_args(p)
-    p.add_argument("--models", nargs="+", help="rank these checkpoints instead (Bradley–Terry)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        help="rank these instead (Bradley–Terry): model folders or training checkpoints",
+    )
     add_sampling_args(p)
     add_judge_args(p)
     p.add_argument("--output", required=True, help="report (JSON)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from prefopt.series_stats import correlation
 from prefopt.sft import collate_sft, is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
 from prefopt.tokenize import TokenizedExample, TokenizedPair
+
+if TYPE_CHECKING:
+    from prefopt.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -210,21 +213,52 @@ def _with_reference_logps(
 # ---------------------------------------------------------------------------------------------
 
 
+def checkpoint_run(cfg: Any, location: str) -> ExperimentConfig | None:
+    """The config of the training run whose checkpoint folder `location` is (None: another
+    kind of folder), its model settings as this command loads models.
+
+    The command's dtype and trust_remote_code replace the run's: a folder handed to `judge`
+    must not turn on remote code by itself. Gradient checkpointing goes off (it disables the
+    generation cache).
+    """
+    from prefopt.checkpoint import checkpoint_run_config
+
+    run = checkpoint_run_config(location)
+    if run is not None:
+        run.model = dataclasses.replace(
+            run.model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+            gradient_checkpointing=False,
+        )  # fmt: skip
+    return run
+
+
 def load_policy(cfg: Any, location: str) -> nn.Module:
-    """A causal LM from a model folder, or base + adapter from a peft adapter folder."""
+    """A causal LM from a model folder, base + adapter from a peft adapter folder, or a
+    training checkpoint: its run's starting model built as training built it (LoRA-wrapped if
+    the run was), holding the checkpoint's trainable weights."""
     import json
     from pathlib import Path
 
+    from prefopt.checkpoint import checkpoint_step, load_trainable
     from prefopt.models import disable_dropout, load_causal_lm, quiet_peft_wrapping
+    from prefopt.run_setup import build_policy
 
+    model: nn.Module
     adapter_cfg = Path(location) / "adapter_config.json"
-    if adapter_cfg.is_file():
+    run = checkpoint_run(cfg, location)
+    if run is not None:
+        model = build_policy(run)
+        load_trainable(Path(location), model)
+        logger.info("%s: step %d of the training run in %s (%s)", location,
+                    checkpoint_step(Path(location)), Path(location).parent.parent,
+                    "LoRA adapters" if run.lora.enabled else "full fine-tune")  # fmt: skip
+    elif adapter_cfg.is_file():
         from peft import PeftModel
 
         base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
         base = load_causal_lm(cfg.model, base_path)
         with quiet_peft_wrapping():
-            model: nn.Module = PeftModel.from_pretrained(base, location)
+            model = PeftModel.from_pretrained(base, location)
     else:
         model = load_causal_lm(cfg.model, location)
     disable_dropout(model)
@@ -323,7 +357,8 @@ def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     )
-    tokenizer = load_tokenizer(cfg.model)
+    run = checkpoint_run(cfg, model_location)
+    tokenizer = load_tokenizer(cfg.model if run is None else run.model)
     data = prepare_data(cfg, tokenizer)
     policy = load_policy(cfg, model_location)
     scorer = SharedPrefixLogprobModel(
