@@ -1,4 +1,5 @@
-"""Where metrics go: a JSONL file (always), TensorBoard and W&B (when asked), a progress bar."""
+"""Where metrics go: a JSONL file (always), TensorBoard and W&B through accelerate's trackers
+(when asked), a progress bar."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ class Tracker:
         if not enabled:
             return
         _end_torn_line(self.path)
-        if "tensorboard" in report_to:
-            self._tb = _tensorboard_writer(output_dir / "tensorboard")
+        if "tensorboard" in report_to:  # events in output_dir/tensorboard
+            self._tb = _start_tracker("tensorboard", "tensorboard", output_dir)
         if "wandb" in report_to:
-            self._wandb = _wandb_run(output_dir, config)
+            self._wandb = _start_tracker("wandb", "prefopt", dir=str(output_dir), config=config)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record ({"step": n, "split": "train"|"eval", metric: value, ...})."""
@@ -60,17 +61,14 @@ class Tracker:
             for k, v in record.items()
             if isinstance(v, (int, float)) and k not in ("step", "split")
         }
-        if self._tb is not None:
-            for key, value in numbers.items():
-                self._tb.add_scalar(key, value, step)
-        if self._wandb is not None:
-            self._wandb.log(numbers, step=step)
+        for tracker in (self._tb, self._wandb):
+            if tracker is not None:
+                tracker.log(numbers, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for tracker in (self._tb, self._wandb):
+            if tracker is not None:
+                tracker.finish()
 
 
 def _jsonable(value: Any) -> Any:
@@ -79,22 +77,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _tensorboard_writer(path: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.warning("report_to has tensorboard but it is not installed: pip install tensorboard")
-        return None
-    return SummaryWriter(log_dir=str(path))
+def _start_tracker(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """accelerate's tracker of `kind` ("tensorboard": TensorBoardTracker(run_name,
+    logging_dir); "wandb": WandBTracker(project, **wandb.init kwargs)), started; None with a
+    warning when its package is not installed."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-
-def _wandb_run(output_dir: Path, config: dict[str, Any]) -> Any:
+    tracker = TensorBoardTracker(*args, **kwargs) if kind == "tensorboard" else WandBTracker(
+        *args, **kwargs
+    )  # fmt: skip
     try:
-        import wandb
+        tracker.start()
     except ImportError:
-        logger.warning("report_to has wandb but it is not installed: pip install wandb")
+        logger.warning("report_to has %s but it is not installed: pip install %s", kind, kind)
         return None
-    return wandb.init(project="prefopt", dir=str(output_dir), config=config)
+    return tracker
 
 
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
