@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prefopt.data.fields import RowContext, check_messages, check_text, get_column
+from prefopt.data.fields import RowContext, parse_prompt
 from prefopt.data.loading import read_rows
 from prefopt.data.records import Text
 from prefopt.errors import ConfigError, DataError
@@ -142,11 +142,7 @@ def load_prompts(path: str | Path, column: str = "prompt") -> list[Text]:
         ctx = RowContext(str(path), i)
         if not isinstance(row, dict):
             raise ctx.error("expected a row object with a 'prompt' field")
-        value = get_column(row, column, ctx)
-        if isinstance(value, (list, tuple)):
-            prompts.append(check_messages(value, column, ctx))
-        else:
-            prompts.append(check_text(value, column, ctx))
+        prompts.append(parse_prompt(row, column, ctx))
     if not prompts:
         raise DataError("no prompts", file=str(path))
     return prompts

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prefopt.data.records import Message
+from prefopt.data.records import Message, Text
 from prefopt.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -104,6 +104,18 @@ def check_text(value: Any, field: str, ctx: RowContext) -> str:
     if not value.strip():
         raise ctx.error("empty text", field)
     return value
+
+
+def parse_prompt(row: Mapping[str, Any], column: str, ctx: RowContext) -> Text:
+    """The prompt in `row[column]`: chat messages when it is a list, else non-blank text.
+
+    Raises:
+        DataError: For a missing column, or a value `check_messages`/`check_text` refuses.
+    """
+    value = get_column(row, column, ctx)
+    if isinstance(value, (list, tuple)):
+        return check_messages(value, column, ctx)
+    return check_text(value, column, ctx)
 
 
 def check_message(value: Any, field: str, ctx: RowContext) -> Message:

@@ -48,7 +48,7 @@ from prefopt.data.records import (
 )
 from prefopt.errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "ColumnMap", "detect_format", "normalize_rows"]
+__all__ = ["FORMATS", "ColumnMap", "detect_format", "drop_reason", "normalize_rows"]
 
 FORMATS = ("standard", "conversational", "implicit_prompt", "hh", "ultrafeedback", "unpaired")
 """Every format name `detect_format` can return."""
@@ -86,14 +86,14 @@ def detect_format(
         DataError: If there are no rows, row 0 matches no format, or a later row is in another
             format (the error names that row).
     """
-    readable = [i for i, row in enumerate(rows) if not isinstance(row, UnreadableRow)]
-    if not readable:
+    start = next((i for i, row in enumerate(rows) if not isinstance(row, UnreadableRow)), None)
+    if start is None:
         unread = f" (all {len(rows)} unreadable)" if rows else ""
         raise DataError(f"no rows to read{unread}", file=source)
-    first = _as_mapping(rows[readable[0]], RowContext(source, readable[0]))
+    first = _as_mapping(rows[start], RowContext(source, start))
     found = _classify(first, columns, strict=False)
     if found is None:
-        raise RowContext(source, readable[0]).error(_undetectable_message(first, columns))
+        raise RowContext(source, start).error(_undetectable_message(first, columns))
     fmt = found[0]
     for index, row in enumerate(rows):
         if isinstance(row, Mapping) and not isinstance(row, UnreadableRow):
@@ -152,7 +152,7 @@ def normalize_rows(
         except DataError as error:
             if on_error == "raise":
                 raise
-            report.drop(_drop_reason(error), index)
+            report.drop(drop_reason(error), index)
     if not examples:
         raise DataError(f"no usable rows\n{report.summary()}", file=source)
     _warn_duplicates(examples, report)
@@ -319,7 +319,7 @@ _CONVERTERS: dict[str, Converter] = {
 # Report helpers
 
 
-def _drop_reason(error: DataError) -> str:
+def drop_reason(error: DataError) -> str:
     """A reason shared by rows with the same problem: details in parentheses are left out."""
     reason = error.reason.split(" (")[0]
     return f"{error.field}: {reason}" if error.field else reason

@@ -24,6 +24,8 @@ from prefopt.errors import DataError
 Row = dict[str, Any]
 
 __all__ = [
+    "BOM",
+    "CHUNK",
     "DEFAULT_MAX_LINE_BYTES",
     "HUB_TIMEOUT_S",
     "allow_long_csv_fields",
@@ -105,8 +107,11 @@ def load_preference_data(
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20
 """Longest JSON Lines or CSV line the data tools read (16 MiB); longer lines are refused."""
 
-_CHUNK = 2**22
-_BOM = b"\xef\xbb\xbf"
+CHUNK = 2**22
+"""Bytes read at a time when reading through the rest of an over-long line."""
+
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark, dropped from the start of a file."""
 
 
 def looks_like_json_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> bool:
@@ -131,12 +136,12 @@ def _next_nonblank(f: BinaryIO, max_line_bytes: int) -> tuple[bytes, bytes] | No
     """(start, end) of the next non-blank line: at most max_line_bytes of each (equal for a
     short line). The rest of a long line is read through and dropped."""
     while line := f.readline(max_line_bytes + 1):
-        if f.tell() == len(line) and line.startswith(_BOM):
-            line = line[len(_BOM) :]
+        if f.tell() == len(line) and line.startswith(BOM):
+            line = line[len(BOM) :]
         if not line.strip():
             continue
         tail = line
-        while not tail.endswith(b"\n") and (more := f.readline(_CHUNK)):
+        while not tail.endswith(b"\n") and (more := f.readline(CHUNK)):
             tail = more
         return line, tail
     return None

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefopt.data.fields import RowContext, check_messages, check_text, get_column
+from prefopt.data.fields import RowContext, parse_prompt
+from prefopt.data.formats import drop_reason
 from prefopt.data.records import Text
 from prefopt.datatools.reader import DEFAULT_MAX_LINE_BYTES, OnError, read_raw_rows
 from prefopt.errors import DataError
@@ -76,17 +77,11 @@ def load_prompt_rows(
             continue
         ctx = RowContext(raw.source, index)
         try:
-            value = get_column(row, column, ctx)
-            if isinstance(value, (list, tuple)):
-                prompt: Text = check_messages(value, column, ctx)
-            else:
-                prompt = check_text(value, column, ctx)
+            prompt = parse_prompt(row, column, ctx)
         except DataError as error:
             if on_error == "raise":
                 raise
-            reason = error.reason.split(" (")[0]
-            reason = f"{error.field}: {reason}" if error.field else reason
-            out.skipped.setdefault(reason, []).append(index)
+            out.skipped.setdefault(drop_reason(error), []).append(index)
             continue
         out.prompts.append(prompt)
         out.rows.append(index)

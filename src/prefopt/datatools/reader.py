@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from prefopt.data.fields import describe_type
 from prefopt.data.loading import (
+    BOM,
     DEFAULT_MAX_LINE_BYTES,
     looks_like_json_lines,
     read_rows,
@@ -39,7 +40,6 @@ from prefopt.data.loading import (
 )
 from prefopt.datatools.reader_csv import csv_records
 from prefopt.datatools.reader_rows import (
-    BOM,
     NOT_SKIPPABLE,
     RowError,
     bad_bytes_field,
@@ -83,10 +83,10 @@ class RawRows:
         self.rows.append(None)
         self.skipped.setdefault(reason, []).append(index)
 
-    def add(self, read: Iterable[tuple[int, Row | DataError]], on_error: OnError) -> None:
+    def add(self, read: Iterable[tuple[int, Row | RowError]], on_error: OnError) -> None:
         """Append rows as read; an error raises, or with on_error="skip" is counted."""
         for index, row in read:
-            if not isinstance(row, DataError):
+            if not isinstance(row, RowError):
                 self.rows.append(row)
             elif on_error == "raise":
                 raise row
@@ -145,11 +145,11 @@ def _read_other(path: str | Path) -> list[Row | None]:
 # JSON Lines
 
 
-def _json_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Row | DataError]]:
+def _json_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Row | RowError]]:
     for index, (line_number, line) in enumerate(nonblank_lines(path, max_line_bytes)):
         try:
             yield index, _parse_line(line, line_number, max_line_bytes, str(path), index)
-        except DataError as error:
+        except RowError as error:
             yield index, error
 
 
@@ -157,7 +157,12 @@ def _parse_line(
     line: bytes | None, line_number: int, max_line_bytes: int, source: str, index: int
 ) -> Row:
     if line is None:
-        raise DataError(too_long(line_number, max_line_bytes), file=source, row=index)
+        raise RowError(
+            f"line longer than {max_line_bytes} bytes",
+            too_long(line_number, max_line_bytes),
+            file=source,
+            row=index,
+        )
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -166,7 +171,8 @@ def _parse_line(
             bad_field = bad_bytes_field(json.loads(text), "")
         except json.JSONDecodeError:
             bad_field = None
-        raise DataError(
+        raise RowError(
+            "line not valid UTF-8",
             f"line {line_number} is not valid UTF-8 (re-encode the file as UTF-8)",
             file=source,
             row=index,
@@ -175,17 +181,15 @@ def _parse_line(
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(
+        raise RowError(
+            "invalid JSON",
             f"invalid JSON on line {line_number} (column {error.colno}): {error.msg}",
             file=source,
             row=index,
         ) from None
     if not isinstance(value, dict):
-        raise DataError(
-            f"expected a row object (column -> value), got {describe_type(value)}",
-            file=source,
-            row=index,
-        )
+        described = f"expected a row object (column -> value), got {describe_type(value)}"
+        raise RowError(described, described, file=source, row=index)
     return value
 
 
@@ -193,7 +197,7 @@ def _parse_line(
 # A .json document
 
 
-def _json_document(path: Path) -> Iterator[tuple[int, Row | DataError]]:
+def _json_document(path: Path) -> Iterator[tuple[int, Row | RowError]]:
     """Items of a JSON array (or {"data": [...]}), parsed whole, checked one by one."""
     data = path.read_bytes()
     if data.startswith(BOM):
@@ -212,19 +216,13 @@ def _json_document(path: Path) -> Iterator[tuple[int, Row | DataError]]:
     for index, item in enumerate(unwrap_rows(value, str(path))):
         try:
             yield index, check_row(item, str(path), index)
-        except DataError as error:
+        except RowError as error:
             yield index, error
 
 
-def _reason(error: DataError) -> str:
+def _reason(error: RowError) -> str:
     """A reason shared by rows with the same problem (line numbers and details left out)."""
-    if isinstance(error, RowError):
-        return error.kind
-    reason = error.reason
-    if reason.startswith("line ") and " is " in reason:
-        reason = reason.split(" is ", 1)[1].split(" (")[0]
-        return f"line {reason}"
-    return reason.split(" on line ")[0].split(": ")[0]
+    return error.kind
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:

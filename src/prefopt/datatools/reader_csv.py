@@ -40,7 +40,7 @@ class _Position:
     record_bytes: int = 0
 
 
-def csv_records(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Row | DataError]]:
+def csv_records(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Row | RowError]]:
     """Records under the header, every value as text (no type guessing: "true", "" and "1"
     stay text); a row error in place of a record that cannot be a row.
 
@@ -103,12 +103,12 @@ def _csv_lines(path: Path, max_line_bytes: int, at: _Position) -> Iterator[str]:
         yield decode(line)
 
 
-def _csv_row(header: list[str], values: list[str], source: str, index: int) -> Row | DataError:
+def _csv_row(header: list[str], values: list[str], source: str, index: int) -> Row | RowError:
     mismatch = csv_record_error(header, values)
     if mismatch is not None:
         message, field = mismatch
         return RowError(message, message, file=source, row=index, field=field)
     try:
         return check_row(dict(zip(header, values, strict=True)), source, index)
-    except DataError as error:
+    except RowError as error:
         return error

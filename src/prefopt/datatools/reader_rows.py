@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.fields import describe_type
+from prefopt.data.loading import BOM, CHUNK
 from prefopt.errors import DataError
 
 __all__ = [
-    "BOM",
     "NOT_SKIPPABLE",
     "RowError",
     "all_lines",
@@ -28,9 +28,6 @@ Row = dict[str, Any]
 NOT_SKIPPABLE = "a whole-file problem: --on-error skip skips rows, and cannot skip this"
 """Said in the message of every file-level read error."""
 
-BOM = b"\xef\xbb\xbf"
-_CHUNK = 2**22
-
 
 class RowError(DataError):
     """An unreadable row; `kind` is the reason it is counted under when skipped."""
@@ -42,39 +39,32 @@ class RowError(DataError):
         self.kind = kind
 
 
-def nonblank_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, bytes) of each non-blank line; None for a line over the limit.
+def all_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, bytes) of every line, blank ones included (a quoted CSV field may
+    hold blank lines); None for a line over the limit.
 
     An over-long line is consumed in bounded chunks and never held in memory whole.
     """
-    with path.open("rb") as f:
-        line_number = 0
-        while True:
-            line = f.readline(max_line_bytes + 1)
-            if not line:
-                return
-            line_number += 1
-            if line_number == 1 and line.startswith(BOM):
-                line = line[len(BOM) :]
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                yield line_number, None
-                # Only reached when the caller goes on (skipping): read past the line's rest.
-                while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
-                    pass
-            elif line.strip():
-                yield line_number, line
-
-
-def all_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """Every line, blank ones included (a quoted CSV field may hold blank lines); None for a
-    line over the limit."""
     with path.open("rb") as f:
         line_number = 0
         while line := f.readline(max_line_bytes + 1):
             line_number += 1
             if line_number == 1 and line.startswith(BOM):
                 line = line[len(BOM) :]
-            yield line_number, None if len(line) > max_line_bytes and b"\n" not in line else line
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                yield line_number, None
+                # Only reached when the caller goes on (skipping): read past the line's rest.
+                while (rest := f.readline(CHUNK)) and not rest.endswith(b"\n"):
+                    pass
+            else:
+                yield line_number, line
+
+
+def nonblank_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """`all_lines` without the blank ones (None still stands for a line over the limit)."""
+    for line_number, line in all_lines(path, max_line_bytes):
+        if line is None or line.strip():
+            yield line_number, line
 
 
 def too_long(line_number: int, max_line_bytes: int) -> str:
