@@ -252,7 +252,7 @@ def test_judge_ranks_training_checkpoints(
     """`judge --models step-1 step-2 OUTPUT/model`: checkpoints load like model folders."""
     models = [*_steps(runs[kind]), str(runs[kind] / "model")]
     report_path = tmp_path / "bt.json"
-    with caplog.at_level(logging.INFO, logger="prefopt.evaluation"):
+    with caplog.at_level(logging.INFO, logger="prefopt.eval_command"):
         assert main(["judge", "--models", *models, "--prompts", str(assets["prompts"]), "--judge",
                      "length", "--output", str(report_path), *SAMPLING]) == 0  # fmt: skip
     ranking = json.loads(report_path.read_text())["judges"]["length"]["ranking"]

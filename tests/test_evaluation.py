@@ -188,18 +188,18 @@ def test_eval_reports_reference_means_and_length_correlation(assets, tmp_path: P
 
 def test_eval_logs_per_pair_length_bias(caplog: pytest.LogCaptureFixture):
     """`prefopt eval` hands its per-pair rows to `HealthMonitor.update_pairs`."""
-    from prefopt.evaluation import _check_length_bias
+    from prefopt.eval_command import _check_length_bias
 
     rows = [
         {"chosen_tokens": 20 + d, "rejected_tokens": 20, "reward_chosen": 0.1 * d + 0.01 * (d % 3),
          "reward_rejected": 0.0}
         for d in range(-12, 12)
     ]  # fmt: skip
-    with caplog.at_level("WARNING", logger="prefopt.evaluation"):
+    with caplog.at_level("WARNING", logger="prefopt.eval_command"):
         _check_length_bias(rows)
     assert "length_bias" in caplog.text and "24 pairs" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="prefopt.evaluation"):
+    with caplog.at_level("WARNING", logger="prefopt.eval_command"):
         _check_length_bias([{**r, "reward_chosen": 0.0} for r in rows])
     assert caplog.text == ""
 

@@ -16,7 +16,8 @@ import torch
 
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError, PrefoptError
-from prefopt.evaluation import evaluate_dataset, run_eval
+from prefopt.eval_command import run_eval
+from prefopt.evaluation import evaluate_dataset
 from prefopt.models import freeze
 from prefopt.prefix_choice import (
     PrefixSharingChoice,

@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _preference_metrics(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`run_eval` on --data with a config made of the flags: means and per-pair rows."""
     from prefopt.config_io import load_config
-    from prefopt.evaluation import run_eval
+    from prefopt.eval_command import run_eval
     from prefopt.loss_registry import LOSSES
 
     overrides = [

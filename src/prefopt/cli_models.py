@@ -101,16 +101,17 @@ def _model_cfg(location: str, dtype: str) -> Any:
 def _tokenizer(location: str, dtype: str) -> Any:
     """The tokenizer saved with a model; an adapter folder without one falls back to its base,
     a training checkpoint uses its run's."""
-    from prefopt.evaluation import checkpoint_run
+    from prefopt.eval_command import checkpoint_run
     from prefopt.models import load_tokenizer
+    from prefopt.output import adapter_base
 
     run = checkpoint_run(_model_cfg(location, dtype), location)
     if run is not None:
         return load_tokenizer(run.model)
     folder = Path(location)
-    if is_adapter(location) and not (folder / "tokenizer_config.json").is_file():
-        adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
-        location = adapter_cfg["base_model_name_or_path"]
+    base = adapter_base(folder)
+    if base is not None and not (folder / "tokenizer_config.json").is_file():
+        location = base
     return load_tokenizer(_model_cfg(location, dtype).model)
 
 
@@ -133,7 +134,7 @@ def load_models(
     """
     import torch
 
-    from prefopt.evaluation import load_policy
+    from prefopt.eval_command import load_policy
     from prefopt.models import freeze
 
     if device == "auto":
