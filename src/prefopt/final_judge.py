@@ -53,7 +53,9 @@ def check_judge_setup(cfg: ExperimentConfig) -> None:
         raise ConfigError("judge.judges: the same judge is given twice")
 
 
-def _reference_for(cfg: ExperimentConfig, model_dir: Path) -> str | None:
+def reference_for(cfg: ExperimentConfig, model_dir: Path) -> str | None:
+    """The reference training used, for the saved model in `model_dir`: None for an adapter
+    folder (its base with the adapter off), else reference.model or the starting model."""
     if (model_dir / "adapter_config.json").is_file():
         return None  # the adapter's base, adapters off: what training used
     return cfg.reference.model or cfg.model.name_or_path
@@ -63,7 +65,7 @@ def _args(cfg: ExperimentConfig, model_dir: Path, out_dir: Path) -> argparse.Nam
     """The `prefopt eval --judge` arguments this run's config stands for."""
     j = cfg.judge
     return argparse.Namespace(
-        model=str(model_dir), ref=_reference_for(cfg, model_dir), prompts=j.prompts,
+        model=str(model_dir), ref=reference_for(cfg, model_dir), prompts=j.prompts,
         max_prompts=j.max_prompts, temperature=j.temperature, top_p=j.top_p,
         max_new_tokens=j.max_new_tokens, num_samples=j.num_samples, seed=j.seed,
         dtype=cfg.model.dtype, device="auto", batch_size=j.batch_size,

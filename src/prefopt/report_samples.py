@@ -16,13 +16,11 @@ from pathlib import Path
 
 from prefopt.config import ExperimentConfig
 from prefopt.data.records import PreferencePair, Text, UnpairedExample
+from prefopt.final_judge import SAMPLES_FILE, reference_for  # one samples file for the report
 
 __all__ = ["heldout_prompts", "sample_for_report"]
 
 logger = logging.getLogger(__name__)
-
-SAMPLES_FILE = "samples.jsonl"
-"""Same name as the judge's (`final_judge.SAMPLES_FILE`): the report reads one file."""
 
 
 def heldout_prompts(cfg: ExperimentConfig, limit: int) -> list[Text]:
@@ -72,14 +70,6 @@ def _prompts_of(cfg: ExperimentConfig, source: str) -> list[PreferencePair | Unp
     return list(examples)
 
 
-def _reference_location(cfg: ExperimentConfig, model_dir: Path) -> str | None:
-    """The reference training used, for the saved model: None for an adapter folder (its base
-    with the adapter off), else reference.model or the starting model."""
-    if (model_dir / "adapter_config.json").is_file():
-        return None
-    return cfg.reference.model or cfg.model.name_or_path
-
-
 def sample_for_report(cfg: ExperimentConfig, out_dir: Path) -> Path | None:
     """Write `out_dir/samples.jsonl` for the report when no judge does; its path, or None.
 
@@ -115,7 +105,7 @@ def _sample(cfg: ExperimentConfig, model_dir: Path, prompts: list[Text], path: P
         temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens, seed=j.seed
     )
     models = load_models(
-        str(model_dir), _reference_location(cfg, model_dir), dtype=cfg.model.dtype,
+        str(model_dir), reference_for(cfg, model_dir), dtype=cfg.model.dtype,
         device="cpu" if cfg.train.device == "cpu" else "auto", need_reference=False,
     )  # fmt: skip
     samples = generate_side_by_side(

@@ -50,7 +50,7 @@ from prefopt.data.loading import read_rows
 from prefopt.data.records import Message, PreferencePair, Text, UnpairedExample, UnreadableRow
 from prefopt.errors import ConfigError, DataError, TokenizationError
 from prefopt.step import StepOutput
-from prefopt.tokenize import _example, _tokenize_all  # the row loop SFT shares
+from prefopt.tokenize import _example, _tokenize_all, _truncate  # shared with pairs
 from prefopt.tokenized import TokenizedExample, TokenizeReport
 from prefopt.tokenizer_info import RowError, TokenizerInfo
 
@@ -296,24 +296,13 @@ def _multi_turn_example(
         ids, mask = [*ids, info.eos_id], [*mask, True]
     first = spans[0][0]
     prompt, completion, completion_mask = ids[:first], ids[first:], mask[first:]
-    truncated = False
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        truncated = True  # from the left, BOS kept, as `prefopt.tokenize` cuts prompts
-        keep_bos = info.bos_id is not None and prompt[0] == info.bos_id
-        head = [prompt[0]] if keep_bos else []
-        prompt = [*head, *prompt[len(prompt) - (max_prompt_length - len(head)) :]]
-    room = max_length - len(prompt)
-    if room < 1:
-        raise RowError(
-            "prompt_too_long",
-            f"the prompt has {len(prompt)} tokens, leaving no room for a response within "
-            f"max_length={max_length}; raise max_length or set max_prompt_length",
-            row=ex.index,
-            field="prompt",
-        )
-    if len(completion) > room:  # later turns are cut from the right
-        truncated = True
-        completion, completion_mask = completion[:room], completion_mask[:room]
+    # Cut as `prefopt.tokenize` cuts pairs: the prompt from the left (BOS kept), later turns
+    # from the right.
+    prompt, cut, truncated = _truncate(
+        prompt, {"completion": completion}, max_length, max_prompt_length, info.bos_id, ex.index
+    )
+    completion = cut["completion"]
+    completion_mask = completion_mask[: len(completion)]
     return SFTExample(
         ex.index, tuple(prompt), tuple(completion), None, truncated, tuple(completion_mask)
     )
