@@ -60,6 +60,16 @@ class ZeroReference:
         return torch.zeros(rows.input_ids.shape[0])
 
 
+class CountReference:
+    """log π_ref = −|y| for every row (completion and KL rows alike)."""
+
+    strategy = "test"
+    equals_initial_policy = False
+
+    def row_logps(self, rows: Rows, keys: Sequence[Hashable]) -> Tensor:
+        return -rows.response_mask.sum(-1).float()
+
+
 def batch_of(examples: list[TokenizedExample]) -> ExampleBatch:
     return collate_examples(examples, pad_token_id=0, with_kl=True)
 
@@ -75,6 +85,16 @@ def test_policy_equal_to_reference_gives_zero_kl_and_half_losses() -> None:
     out = unpaired_step(policy, reference, batch_of(EXAMPLES), [0, 1, 2], params)
     torch.testing.assert_close(out.metrics["kl"], torch.zeros(3), rtol=0, atol=1e-6)
     torch.testing.assert_close(out.losses, torch.tensor([0.5, 1.0, 0.5]), rtol=0, atol=1e-6)
+
+
+def test_unpaired_step_carries_its_examples_reference_logps() -> None:
+    """Evaluation's `ref_logps/*` come from the step's output: the examples' own rows
+    (|y| = 1, 2, 4), not the mismatched KL rows (2, 4, 1)."""
+    params = LossParams(1.0)
+    out = unpaired_step(
+        CountScaledPolicy(0.5), CountReference(), batch_of(EXAMPLES), [0, 1, 2], params
+    )
+    assert out.ref_logps is not None and out.ref_logps.tolist() == [-1.0, -2.0, -4.0]
 
 
 def test_kl_estimate_is_the_mean_over_mismatched_rows() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +26,7 @@ from prefopt.collate import PairBatch, collate_examples, collate_pairs
 from prefopt.loss_registry import LossParams
 from prefopt.metrics import MetricAccumulator
 from prefopt.prefix_collate import SharedPrefixBatch, collate_shared_prefix
-from prefopt.reference import Reference, Rows
+from prefopt.reference import Reference
 from prefopt.series_stats import correlation
 from prefopt.sft import collate_sft, is_sft_batch, sft_step
 from prefopt.step import StepOutput, paired_step, unpaired_step
@@ -124,85 +124,69 @@ def evaluate_dataset(
     reference; for KTO split by label like `logps/*`), and for pairs `length/margin_corr`
     (see the module docstring; over this process's pairs, `reduce` does not apply to it).
     `on_batch` sees each batch's output with the `ref_logps/*` values added.
+
+    The reference log-probs come with each step's output, and the length gaps and margins
+    stay tensors until the end: neither reads values back from the device per batch.
     """
     was_training = scorer.training
     scorer.eval()
     acc = MetricAccumulator()
-    gaps: list[float] = []  # per pair: chosen tokens − rejected tokens
-    margins: list[float] = []
-    recorder = _RecordingReference(reference) if reference is not None else None
+    gaps: list[torch.Tensor] = []  # [B] per batch: chosen tokens − rejected tokens
+    margins: list[torch.Tensor] = []  # [B] per batch
     try:
         for start in range(0, len(examples), batch_size):
             positions = list(range(start, min(start + batch_size, len(examples))))
             chunk = [examples[i] for i in positions]
-            if recorder is not None:
-                recorder.values.clear()
             out, _ = micro_step(
-                scorer, recorder, chunk, positions, loss_cfg,
+                scorer, reference, chunk, positions, loss_cfg,
                 pad_token_id=pad_token_id, device=device, split=split, max_length=max_length,
                 prefix_sharing=prefix_sharing, pack=pack,
             )  # fmt: skip
-            out = _with_reference_logps(out, chunk, positions, recorder, split)
+            out = _with_reference_logps(out, chunk)
             acc.add(out.metrics)
             m = out.metrics
             if out.logps is not None and "tokens/chosen" in m and "tokens/rejected" in m:
-                gaps += (m["tokens/chosen"] - m["tokens/rejected"]).tolist()
-                margins += m["rewards/margins"].tolist()
+                gaps.append(m["tokens/chosen"] - m["tokens/rejected"])
+                margins.append(m["rewards/margins"])
             if on_batch is not None:
                 on_batch(positions, out)
     finally:
         scorer.train(was_training)
     metrics = acc.compute(reduce)
-    if len(gaps) >= 2:
-        metrics["length/margin_corr"] = correlation(gaps, margins)
+    if sum(len(g) for g in gaps) >= 2:
+        metrics["length/margin_corr"] = correlation(
+            torch.cat(gaps).tolist(), torch.cat(margins).tolist()
+        )
     metrics["num_pairs"] = float(len(examples))
     return metrics
 
 
-class _RecordingReference:
-    """A reference that keeps what it returned per row key: KTO's step returns metrics only,
-    and its per-example rows and `ref_logps/*` need the reference's values."""
-
-    def __init__(self, inner: Reference) -> None:
-        self.inner = inner
-        self.strategy = inner.strategy
-        self.equals_initial_policy = inner.equals_initial_policy
-        self.values: dict[Hashable, float] = {}
-
-    def row_logps(self, rows: Rows, keys: Sequence[Hashable]) -> torch.Tensor:
-        logps = self.inner.row_logps(rows, keys)
-        if keys:
-            self.values.update(zip(keys, logps.tolist(), strict=True))
-        return logps
-
-
 def _with_reference_logps(
-    out: StepOutput,
-    chunk: Sequence[TokenizedPair | TokenizedExample],
-    positions: Sequence[int],
-    recorder: _RecordingReference | None,
-    split: str,
+    out: StepOutput, chunk: Sequence[TokenizedPair | TokenizedExample]
 ) -> StepOutput:
     """`out` with per-row `ref_logps/chosen|rejected` metrics ([B]; NaN where a KTO row has
-    the other label, as in `logps/*`)."""
+    the other label, as in `logps/*`); unchanged without reference log-probs (SFT, or a
+    reference-free loss)."""
+    ref = _reference_metrics(out, chunk)
+    return out if ref is None else dataclasses.replace(out, metrics={**out.metrics, **ref})
+
+
+def _reference_metrics(
+    out: StepOutput, chunk: Sequence[TokenizedPair | TokenizedExample]
+) -> dict[str, torch.Tensor] | None:
     if out.logps is not None:
         if out.logps.ref_chosen is None or out.logps.ref_rejected is None:
-            return out
-        ref = {
+            return None
+        return {
             "ref_logps/chosen": out.logps.ref_chosen,
             "ref_logps/rejected": out.logps.ref_rejected,
         }
-    elif recorder is not None and chunk and isinstance(chunk[0], TokenizedExample):
-        keys = [(split, p, "completion") for p in positions]
-        if not all(k in recorder.values for k in keys):
-            return out  # an SFT batch: no reference
-        values = torch.tensor([recorder.values[k] for k in keys])  # [N]
-        labels = torch.tensor([bool(e.label) for e in chunk])  # type: ignore[union-attr]
-        nan = torch.full_like(values, float("nan"))
-        ref = {
-            "ref_logps/chosen": torch.where(labels, values, nan),
-            "ref_logps/rejected": torch.where(labels, nan, values),
-        }
-    else:
-        return out
-    return dataclasses.replace(out, metrics={**out.metrics, **ref})
+    if out.ref_logps is None:
+        return None
+    values = out.ref_logps.float()  # [N]
+    labels = torch.tensor([bool(e.label) for e in chunk], device=values.device)  # type: ignore[union-attr]
+    nan = torch.full_like(values, float("nan"))
+    return {
+        "ref_logps/chosen": torch.where(labels, values, nan),
+        "ref_logps/rejected": torch.where(labels, nan, values),
+    }

@@ -34,6 +34,9 @@ class StepOutput:
     losses: Tensor  # [B]
     metrics: dict[str, Tensor]  # name -> [B]
     logps: PairLogps | None = None  # the log-probs behind them (paired data)
+    # Unpaired data: [N] reference log-probs of the examples, which the metrics (rewards) hide;
+    # evaluation reports them. Pairs carry theirs in `logps`.
+    ref_logps: Tensor | None = None
 
 
 def pair_keys(positions: Sequence[int], split: str = "train") -> list[Hashable]:
@@ -164,7 +167,7 @@ def unpaired_step(
         undesirable_weight=params.kto_undesirable_weight,
     )
     metrics = _kto_metrics(out, logps, tokens, batch.labels, kl)
-    return StepOutput(out.losses, metrics)
+    return StepOutput(out.losses, metrics, ref_logps=ref.detach())
 
 
 def _kto_metrics(
