@@ -288,6 +288,40 @@ def test_last_checkpoint_scores_like_the_final_model(runs, kind: str) -> None:
             load_models(last, None, device="cpu")
 
 
+def _count_config_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The config.yaml paths `checkpoint_run_config` parses from now on, in order."""
+    import prefopt.checkpoint as checkpoint
+
+    reads: list[Path] = []
+    real = checkpoint.load_config
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_config", counting)
+    return reads
+
+
+def test_a_checkpoint_config_is_parsed_once_per_load(
+    runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading a checkpoint (tokenizer, adapter check, weights) reads its config.yaml once:
+    for generate/judge/score (`load_models`) and for `prefopt eval`, the reference included."""
+    reads = _count_config_reads(monkeypatch)
+    first, last = _steps(runs["lora"])
+    load_models(last, None, device="cpu")  # the LoRA checkpoint implies its reference
+    assert reads == [Path(last) / "config.yaml"]
+    reads.clear()
+    load_models(last, first, device="cpu")
+    assert reads == [Path(last) / "config.yaml", Path(first) / "config.yaml"]
+    reads.clear()
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(2, seed=4))
+    argv = ["eval", "--model", last, "--ref", first, "--data", str(data)]
+    assert main([*argv, "--output", str(tmp_path / "m.json")]) == 0
+    assert reads == [Path(last) / "config.yaml", Path(first) / "config.yaml"]
+
+
 def test_checkpoint_that_does_not_fit_its_config_is_refused(
     assets, runs, tmp_path: Path, capsys
 ) -> None:

@@ -22,6 +22,7 @@ from prefopt.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
+    from prefopt.config import ExperimentConfig
     from prefopt.generation import SamplingParams
 
 __all__ = [
@@ -85,9 +86,13 @@ def is_adapter(location: str) -> bool:
     """A LoRA policy: an adapter folder, or a checkpoint of a LoRA training run."""
     from prefopt.checkpoint import checkpoint_run_config
 
+    return _is_adapter(location, checkpoint_run_config(location))
+
+
+def _is_adapter(location: str, run: ExperimentConfig | None) -> bool:
+    """`is_adapter` given the checkpoint's run config, already read (None: no checkpoint)."""
     if (Path(location) / "adapter_config.json").is_file():
         return True
-    run = checkpoint_run_config(location)
     return run is not None and run.lora.enabled
 
 
@@ -98,14 +103,12 @@ def _model_cfg(location: str, dtype: str) -> Any:
     return SimpleNamespace(model=ModelConfig(name_or_path=location, dtype=dtype))  # type: ignore[arg-type]
 
 
-def _tokenizer(location: str, dtype: str) -> Any:
+def _tokenizer(location: str, dtype: str, run: ExperimentConfig | None) -> Any:
     """The tokenizer saved with a model; an adapter folder without one falls back to its base,
-    a training checkpoint uses its run's."""
-    from prefopt.eval_command import checkpoint_run
+    a training checkpoint (`run`: its run's config, see `_checkpoint_run`) uses its run's."""
     from prefopt.models import load_tokenizer
     from prefopt.output import adapter_base
 
-    run = checkpoint_run(_model_cfg(location, dtype), location)
     if run is not None:
         return load_tokenizer(run.model)
     folder = Path(location)
@@ -113,6 +116,14 @@ def _tokenizer(location: str, dtype: str) -> Any:
     if base is not None and not (folder / "tokenizer_config.json").is_file():
         location = base
     return load_tokenizer(_model_cfg(location, dtype).model)
+
+
+def _checkpoint_run(location: str, dtype: str) -> ExperimentConfig | None:
+    """The run config of checkpoint `location` as these commands load it (None: not a
+    checkpoint); read once per location, then handed to each loader."""
+    from prefopt.eval_command import checkpoint_run
+
+    return checkpoint_run(_model_cfg(location, dtype), location)
 
 
 def load_models(
@@ -139,18 +150,20 @@ def load_models(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if ref is None and need_reference and not is_adapter(model):
+    run = _checkpoint_run(model, dtype)
+    if ref is None and need_reference and not _is_adapter(model, run):
         raise ConfigError(
             f"{model} is a full model, so its reference is not implied: pass --ref (usually the "
             "model training started from), or give a LoRA adapter folder as --model"
         )
-    tokenizer = _tokenizer(model, dtype)
-    policy = freeze(load_policy(_model_cfg(model, dtype), model)).to(device)
+    tokenizer = _tokenizer(model, dtype, run)
+    policy = freeze(load_policy(_model_cfg(model, dtype), model, run)).to(device)
     reference = None
     if ref is not None:
-        if _tokenizer(ref, dtype).get_vocab() != tokenizer.get_vocab():
+        ref_run = _checkpoint_run(ref, dtype)
+        if _tokenizer(ref, dtype, ref_run).get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"--ref {ref} has a different tokenizer from --model {model}")
-        reference = freeze(load_policy(_model_cfg(ref, dtype), ref)).to(device)
+        reference = freeze(load_policy(_model_cfg(ref, dtype), ref, ref_run)).to(device)
     adapter_ref = ref is None and hasattr(policy, "disable_adapter")
     return LoadedModels(policy, reference, tokenizer, adapter_ref)
 

@@ -45,17 +45,20 @@ def checkpoint_run(cfg: Any, location: str) -> ExperimentConfig | None:
     return run
 
 
-def load_policy(cfg: Any, location: str) -> nn.Module:
+def load_policy(cfg: Any, location: str, run: ExperimentConfig | None) -> nn.Module:
     """A causal LM from a model folder, base + adapter from a peft adapter folder, or a
     training checkpoint: its run's starting model built as training built it (LoRA-wrapped if
-    the run was), holding the checkpoint's trainable weights."""
+    the run was), holding the checkpoint's trainable weights.
+
+    `run`: `checkpoint_run(cfg, location)` (None: not a checkpoint), which the caller has read
+    for the tokenizer already; passed in so the checkpoint's config.yaml is parsed once.
+    """
     from prefopt.checkpoint import checkpoint_step, load_trainable
     from prefopt.models import disable_dropout, load_causal_lm, quiet_peft_wrapping
     from prefopt.output import adapter_base
     from prefopt.run_setup import build_policy
 
     model: nn.Module
-    run = checkpoint_run(cfg, location)
     base_path = adapter_base(Path(location))
     if run is not None:
         model = build_policy(run)
@@ -86,7 +89,8 @@ def eval_reference(cfg: Any, policy: nn.Module, scorer: nn.Module, device: Any) 
     if not any(get_loss(n).needs_reference for n in cfg.loss.names):
         return None
     if cfg.reference.model:
-        ref = freeze(load_policy(cfg, cfg.reference.model))
+        location = cfg.reference.model
+        ref = freeze(load_policy(cfg, location, checkpoint_run(cfg, location)))
         return ModelReference(SharedPrefixLogprobModel(ref).to(device), "model")
     if hasattr(policy, "disable_adapter"):
         return ModelReference(scorer, "adapter", peft_model=policy)
@@ -170,7 +174,7 @@ def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict
     run = checkpoint_run(cfg, model_location)
     tokenizer = load_tokenizer(cfg.model if run is None else run.model)
     data = prepare_data(cfg, tokenizer)
-    policy = load_policy(cfg, model_location)
+    policy = load_policy(cfg, model_location, run)
     scorer = SharedPrefixLogprobModel(
         policy, response_only=cfg.train.response_only_logits, chunk_size=cfg.train.logit_chunk_size
     ).to(device)
