@@ -13,7 +13,7 @@ import torch
 
 from prefopt.config_io import load_config
 from prefopt.errors import ConfigError
-from prefopt.prefix_collate import collate_shared_prefix, pack_rows
+from prefopt.prefix_collate import _shared_mask, collate_shared_prefix, pack_rows
 from prefopt.prefix_sharing import shared_prefix_logps
 from prefopt.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.trainer import TrainResult, train
@@ -68,6 +68,21 @@ def test_packed_layout_by_hand() -> None:
     ]
     unpacked = collate_shared_prefix(HAND, pad_token_id=99)
     assert unpacked.input_ids.shape == (3, 6) and unpacked.pair_rows.tolist() == [0, 1, 2]
+
+
+def test_one_pair_per_row_needs_no_slot_comparison() -> None:
+    """Unpacked rows (prompt 0, chosen 1, rejected 2, pad -1) hold one pair each, so the mask
+    skips the pair-slot comparison: it is the mask with the comparison. A packed collation
+    that could not pack (pairs as long as the widest) gives the unpacked batch's mask."""
+    segment = torch.tensor([[0, 0, 1, 2, 2, -1], [0, 1, 1, 2, -1, -1]])  # [R, T]
+    slot = torch.tensor([[0, 0, 0, 0, 0, -1], [1, 1, 1, 1, -1, -1]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_shared_mask(segment, None, dtype), _shared_mask(segment, slot, dtype))
+    same_length = [HAND[0], TokenizedPair(3, (15, 16), (24,), (34, 35, 36))]  # 6 tokens each
+    packed = collate_shared_prefix(same_length, pad_token_id=99, pack=True)
+    unpacked = collate_shared_prefix(same_length, pad_token_id=99)
+    assert packed.pair_rows.tolist() == [0, 1]
+    assert torch.equal(packed.attention_mask_4d, unpacked.attention_mask_4d)
 
 
 def toy_rows() -> list[TokenizedPair]:

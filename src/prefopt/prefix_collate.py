@@ -85,15 +85,20 @@ def _gather_index(pair: int, sources: Tensor, targets: Sequence[int]) -> Tensor:
     return torch.stack([torch.full_like(target_ids, pair), sources, target_ids])
 
 
-def _shared_mask(segment: Tensor, slot: Tensor, dtype: torch.dtype) -> Tensor:
+def _shared_mask(segment: Tensor, slot: Tensor | None, dtype: torch.dtype) -> Tensor:
     """[R, 1, T, T] additive mask from [R, T] segment ids and pair slots (see
-    `SharedPrefixBatch`); a query sees only keys of its own pair (slot)."""
+    `SharedPrefixBatch`); a query sees only keys of its own pair (slot).
+
+    `slot`: None when no row holds more than one pair. Then every real position of a row has
+    the same slot, so the [R, T, T] slot comparison would change nothing and is skipped.
+    """
     t = segment.shape[1]
     position = torch.arange(t)
     real = segment != _PAD  # [R, T]
     allowed = (position[None, :] <= position[:, None]).unsqueeze(0)  # [1, Tq, Tk] causal
     allowed = allowed & real[:, :, None] & real[:, None, :]  # [R, Tq, Tk]
-    allowed = allowed & (slot[:, :, None] == slot[:, None, :])  # packed pairs stay apart
+    if slot is not None:
+        allowed = allowed & (slot[:, :, None] == slot[:, None, :])  # packed pairs stay apart
     rejected_to_chosen = (segment[:, :, None] == _REJECTED) & (segment[:, None, :] == _CHOSEN)
     allowed = allowed & ~rejected_to_chosen
     # A pad query with every key blocked would softmax to NaN (and NaN * 0 stays NaN in
@@ -145,6 +150,7 @@ def collate_shared_prefix(
         raise ValueError("cannot collate an empty batch")
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     groups = pack_rows(lengths, max(lengths)) if pack else [[i] for i in range(len(pairs))]
+    packed = any(len(g) > 1 for g in groups)  # pack=True may still leave one pair per row
     width = max(sum(lengths[i] for i in g) for g in groups)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -167,7 +173,7 @@ def collate_shared_prefix(
             start += lengths[i]
     return SharedPrefixBatch(
         input_ids=input_ids,
-        attention_mask_4d=_shared_mask(segment, slot, dtype),
+        attention_mask_4d=_shared_mask(segment, slot if packed else None, dtype),
         position_ids=position_ids,
         chosen_index=torch.cat(chosen, dim=1),
         rejected_index=torch.cat(rejected, dim=1),
