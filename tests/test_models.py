@@ -333,22 +333,45 @@ def test_bad_lora_target_is_a_model_error() -> None:
         apply_lora(make_model("llama"), LoraConfig(enabled=True, target_modules=["nope_proj"]))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_load_in_4bit_without_cuda_is_refused(tmp_path: Path) -> None:
+def test_load_in_4bit_on_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
     folder = save_toy_model(tmp_path / "m", "llama")
-    with pytest.raises(ModelError, match=r"lora\.load_in_4bit=true \(QLoRA\) needs a CUDA GPU"):
-        load_causal_lm(ModelConfig(name_or_path=str(folder)), load_in_4bit=True)
+    with pytest.raises(ModelError, match=r"\(QLoRA\) on cuda, but no CUDA GPU is visible"):
+        load_causal_lm(ModelConfig(name_or_path=str(folder)), quantize_on="cuda")
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    import prefopt.models as models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec",
+        lambda name: None if name == "bitsandbytes" else real_find_spec(name),
+    )  # fmt: skip
+    folder = save_toy_model(tmp_path / "m", "llama")
+    with pytest.raises(ModelError, match=r"needs bitsandbytes: pip install 'bitsandbytes>=0\.46"):
+        load_causal_lm(ModelConfig(name_or_path=str(folder)), quantize_on="cpu")
 
 
 @pytest.mark.parametrize(
-    ("dtype", "compute"), [("float32", torch.bfloat16), ("float16", torch.float16)]
+    ("device", "dtype", "compute", "place"),
+    [
+        ("cuda", "float32", torch.bfloat16, 1),
+        ("cuda", "float16", torch.float16, 1),
+        ("cpu", "float32", torch.float32, "cpu"),
+        ("cpu", "bfloat16", torch.bfloat16, "cpu"),
+    ],
 )
 def test_qlora_load_arguments(
-    dtype: str, compute: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    device: str, dtype: str, compute: torch.dtype, place: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What from_pretrained gets for QLoRA (the load itself needs CUDA: tests/test_gpu.py):
-    NF4 with double quantisation, matmuls in 16 bits, straight onto this process's GPU."""
+    """What from_pretrained gets for QLoRA (the CPU load itself: tests/test_qlora.py; on CUDA:
+    tests/test_gpu.py): NF4 with double quantisation, straight onto its device; on the GPU
+    matmuls in 16 bits, on the CPU in the model's dtype."""
     import importlib.util
 
     import prefopt.models as models
@@ -360,12 +383,12 @@ def test_qlora_load_arguments(
         lambda name: object() if name == "bitsandbytes" else real_find_spec(name),
     )  # fmt: skip
     monkeypatch.setenv("LOCAL_RANK", "1")
-    kwargs = models.quantization_kwargs(ModelConfig(dtype=dtype))  # type: ignore[arg-type]
+    kwargs = models.quantization_kwargs(ModelConfig(dtype=dtype), device)  # type: ignore[arg-type]
     quant = kwargs["quantization_config"]
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4"
     assert quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == compute and kwargs["dtype"] == compute
-    assert kwargs["device_map"] == {"": 1}
+    assert kwargs["device_map"] == {"": place}
 
 
 def test_lora_on_an_unquantised_base_with_load_in_4bit_is_refused() -> None:

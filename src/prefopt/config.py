@@ -139,7 +139,8 @@ class LoraConfig:
     merge_on_save: bool = False
     """Save the final model with adapters merged into the weights (else the adapter only)."""
     load_in_4bit: bool = False
-    """QLoRA: load the base in 4-bit with bitsandbytes (CUDA only)."""
+    """QLoRA: load the base's linear layers in 4-bit NF4 with bitsandbytes (≥ 0.46.1, the
+    `qlora` extra), on the GPU or, slower, on the CPU; only the adapters train."""
 
 
 @dataclass

@@ -41,8 +41,6 @@ def _validate_qlora(cfg: ExperimentConfig) -> None:
         return
     if not cfg.lora.enabled:
         raise ConfigError("lora.load_in_4bit=true needs lora.enabled=true (QLoRA)")
-    if cfg.train.device == "cpu":
-        raise ConfigError("lora.load_in_4bit=true (QLoRA) runs on a CUDA GPU, not train.device=cpu")
     if cfg.reference.strategy == "copy":
         # A deep copy of a 4-bit model is a second quantised base; the adapter reference
         # (the same base, adapters off) is exactly the starting policy at no memory cost.

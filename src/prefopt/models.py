@@ -187,53 +187,59 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def quantization_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """from_pretrained arguments that load the linear layers in 4-bit NF4 (QLoRA).
+def quantization_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
+    """from_pretrained arguments that load the linear layers in 4-bit NF4 (QLoRA) on `device`.
 
-    NF4 with double quantisation, as in the QLoRA paper (Dettmers et al. 2023, §3); matmuls
-    compute in `cfg.dtype`, or bf16 when that is float32 (4-bit × fp32 only costs time). The
-    weights load straight onto this process's GPU (LOCAL_RANK under accelerate/torchrun):
-    bitsandbytes quantises as it places them, and cannot be moved between devices afterwards.
+    NF4 with double quantisation, as in the QLoRA paper (Dettmers et al. 2023, §3).
+    bitsandbytes quantises as it places the weights and cannot move them afterwards, so they
+    load straight onto their final device:
+
+    * "cuda": this process's GPU (LOCAL_RANK under accelerate/torchrun); matmuls compute in
+      `cfg.dtype`, or bf16 when that is float32 (4-bit × fp32 only costs time there);
+    * "cpu": bitsandbytes ≥ 0.46.1 has CPU kernels (transformers needs that version anyway);
+      matmuls compute in `cfg.dtype`, since CPUs without bf16 units emulate it slowly.
     """
-    if not torch.cuda.is_available():
-        raise ModelError("lora.load_in_4bit=true (QLoRA) needs a CUDA GPU; none is visible")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("lora.load_in_4bit=true (QLoRA) on cuda, but no CUDA GPU is visible")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(
-            "lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+            "lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'"
         )
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if cfg.dtype == "float32" else _DTYPES[cfg.dtype]
+    on_gpu = device == "cuda"
+    compute = torch.bfloat16 if on_gpu and cfg.dtype == "float32" else _DTYPES[cfg.dtype]
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
-    device = int(os.environ.get("LOCAL_RANK", "0"))
-    return {"quantization_config": quant, "device_map": {"": device}, "dtype": compute}
+    place: int | str = int(os.environ.get("LOCAL_RANK", "0")) if on_gpu else "cpu"
+    return {"quantization_config": quant, "device_map": {"": place}, "dtype": compute}
 
 
 def load_causal_lm(
-    cfg: ModelConfig, name_or_path: str | None = None, *, load_in_4bit: bool = False
+    cfg: ModelConfig, name_or_path: str | None = None, *, quantize_on: str | None = None
 ) -> nn.Module:
     """Load a causal LM per `cfg` (optionally from another location, e.g. a reference model).
 
     Args:
         cfg: Model settings (dtype, attention, trust_remote_code, gradient checkpointing).
         name_or_path: Location overriding `cfg.name_or_path`.
-        load_in_4bit: Quantise the linear layers to 4-bit NF4 on the GPU (QLoRA's base).
+        quantize_on: None for full precision; "cpu" or "cuda" to load the linear layers in
+            4-bit NF4 on that device (QLoRA's base, see `quantization_kwargs`).
 
     Returns:
-        The model, in train mode, on CPU (4-bit: on this process's GPU).
+        The model, in train mode, on CPU (4-bit: on `quantize_on`).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path or cfg.name_or_path, cfg.gguf_file)
     kwargs = _load_kwargs(cfg, source)
     kwargs["dtype"] = _DTYPES[cfg.dtype]
-    if load_in_4bit:
-        kwargs.update(quantization_kwargs(cfg))
+    if quantize_on is not None:
+        kwargs.update(quantization_kwargs(cfg, quantize_on))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     _refuse_unsafe_bin(source)
@@ -246,6 +252,8 @@ def load_causal_lm(
         if isinstance(exc, RuntimeError):
             raise  # not a file problem (e.g. a shape mismatch): keep the traceback
         raise _hub_error(source, exc) from None
+    if quantize_on is not None:
+        keep_4bit_training_layout(model)
     if source.gguf_file:
         # A dequantised GGUF is a plain float model; drop the quantizer so it saves normally.
         model.hf_quantizer = None  # type: ignore[assignment]
@@ -256,6 +264,23 @@ def load_causal_lm(
     model.train()  # from_pretrained returns eval mode; callers freeze() a reference explicitly
     logger.info("loaded %s (%s, %.1f M parameters)", source.location, cfg.dtype, _millions(model))
     return model
+
+
+def keep_4bit_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference behind training's back.
+
+    On CPUs with AVX512-BF16, a Linear4bit layer's first eval-mode, no-grad forward (our
+    evaluation, the adapter reference's scoring) rewrites its weight in place into an
+    inference-only layout with bf16 block scales (bitsandbytes 0.46–0.50). Every later training
+    forward then uses that kernel: the base's outputs shift (1.5e-4 nats on a 2-layer toy) and
+    no gradient flows back through the frozen base, so adapters below the top layer get wrong
+    gradients (0.2 off on the toy; tests/test_qlora.py). The layout also fails outright on
+    layers narrower than a quantisation block (64). Training keeps the one layout that backward
+    supports; the flag is bitsandbytes' own switch for this path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module typing)
 
 
 def _enable_checkpointing(model: Any) -> None:

@@ -59,13 +59,18 @@ class RunParts:
     """Whether pairs are scored as [prompt | chosen | rejected] rows (`train.prefix_sharing`)."""
 
 
+def runs_on_cpu(cfg: ExperimentConfig) -> bool:
+    """Whether this run's models live on the CPU (`train.device`, or no GPU visible)."""
+    return cfg.train.device == "cpu" or not torch.cuda.is_available()
+
+
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     """An Accelerator for the configured device and precision."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.keep_freed_memory:
         keep_freed_memory()
-    cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    cpu = runs_on_cpu(cfg)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
     if cpu and cfg.train.mixed_precision == "fp16":
@@ -143,7 +148,9 @@ def lr_lambda(cfg: ExperimentConfig, total: int) -> Any:
 
 def build_policy(cfg: ExperimentConfig) -> nn.Module:
     """The trainable policy: the loaded model, LoRA-wrapped if asked, dropout off."""
-    model = load_causal_lm(cfg.model, load_in_4bit=cfg.lora.enabled and cfg.lora.load_in_4bit)
+    qlora = cfg.lora.enabled and cfg.lora.load_in_4bit
+    device = "cpu" if runs_on_cpu(cfg) else "cuda"
+    model = load_causal_lm(cfg.model, quantize_on=device if qlora else None)
     disable_dropout(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
