@@ -85,13 +85,17 @@ class MetricAccumulator:
         self._counts: dict[str, Tensor] = {}
 
     def add(self, values: dict[str, Tensor]) -> None:
+        # Sums stay on the values' device: reading them back per batch would stall a GPU on
+        # every micro-batch; `compute` reads them all back once.
         for name, value in values.items():
             value = value.detach().float().reshape(-1)  # [B]
             finite = ~torch.isnan(value)
-            total = torch.where(finite, value, torch.zeros_like(value)).sum().cpu()
-            count = finite.sum().float().cpu()
-            self._sums[name] = self._sums.get(name, torch.zeros(())) + total
-            self._counts[name] = self._counts.get(name, torch.zeros(())) + count
+            total = torch.where(finite, value, torch.zeros_like(value)).sum()  # []
+            count = finite.sum().float()  # []
+            if name in self._sums:
+                total = self._sums[name] + total.to(self._sums[name].device)
+                count = self._counts[name] + count.to(self._counts[name].device)
+            self._sums[name], self._counts[name] = total, count
 
     def compute(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         """Means over all pairs added, then reset.
@@ -102,8 +106,10 @@ class MetricAccumulator:
         names = sorted(self._sums)
         if not names:
             return {}
-        sums = torch.stack([self._sums[n] for n in names])  # [K]
-        counts = torch.stack([self._counts[n] for n in names])  # [K]
+        # One device for the stack (a metric may have been computed on the CPU).
+        device = self._sums[names[0]].device
+        sums = torch.stack([self._sums[n].to(device) for n in names])  # [K]
+        counts = torch.stack([self._counts[n].to(device) for n in names])  # [K]
         if reduce is not None:
             sums, counts = reduce(sums), reduce(counts)
         self._sums, self._counts = {}, {}
