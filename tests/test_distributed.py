@@ -312,6 +312,18 @@ def test_fsdp_version_1_is_refused() -> None:
         configure_accelerator(acc, load_config(None, []))
 
 
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_qlora_under_sharding_is_refused(kind: str) -> None:
+    from accelerate.utils import DistributedType
+
+    from prefopt.sharding import configure_accelerator
+
+    acc = fake_accelerator(getattr(DistributedType, kind))
+    cfg = load_config(None, ["lora.enabled=true", "lora.load_in_4bit=true"])
+    with pytest.raises(ConfigError, match=r"\(QLoRA\) is not supported under FSDP or DeepSpeed"):
+        configure_accelerator(acc, cfg)
+
+
 class _Recorder(torch.nn.Module):
     """A scorer that records where it is moved and scores every row 0."""
 

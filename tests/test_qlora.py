@@ -170,3 +170,35 @@ def test_an_evaluation_does_not_change_4bit_training_on_cpu(tmp_path: Path) -> N
             module.support_avx512bf16_for_cpu = True  # bitsandbytes' own default
     loss_shift, grad_shift = eval_then_train_gradients(unguarded, ids)
     assert grad_shift > 1e-3, "the guard's reason is gone: bitsandbytes no longer repacks"
+
+
+def test_qlora_two_processes_equal_one(assets: dict[str, Path], tmp_path: Path) -> None:
+    """QLoRA under DDP (torchrun, 2 CPU processes with gloo), each process with its own 4-bit
+    base: 2 × batch 4 logs the metrics and reaches the adapters of 1 × batch 8."""
+    from dist_helpers import (
+        ROOT,
+        assert_close_weights,
+        assert_same_metrics,
+        check,
+        common,
+        final_weights,
+        launch_retrying,
+        torchrun,
+    )
+    from prefopt.config_io import load_config
+    from prefopt.trainer import train
+
+    qlora = ["lora.enabled=true", "lora.load_in_4bit=true", "lora.r=8", "lora.dropout=0.0"]
+    data = {
+        "model": assets["model"],
+        "train": write_jsonl(tmp_path / "32.jsonl", learnable_pairs(32)),
+    }
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(None, [*common(data, one), *qlora, "train.batch_size=8"]))
+    args = [*common(data, two), *qlora, "train.batch_size=4"]
+    check(launch_retrying(lambda: torchrun("-m", "prefopt.cli", "train", *args, cwd=ROOT),
+                          tmp_path, "two"))  # fmt: skip
+    assert_same_metrics(train_lines(two), train_lines(one), rel=1e-5)
+    weights = final_weights(two)
+    assert weights and all("lora_" in name for name in weights)
+    assert_close_weights(weights, final_weights(one), atol=5e-5)

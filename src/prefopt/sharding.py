@@ -46,6 +46,13 @@ def configure_accelerator(accelerator: Accelerator, cfg: ExperimentConfig) -> No
 
     (Checkpoints under DeepSpeed hold the engine's own partitioned state: deepspeed_state.)
     """
+    if shards_weights(accelerator) and cfg.lora.enabled and cfg.lora.load_in_4bit:
+        raise ConfigError(
+            "lora.load_in_4bit=true (QLoRA) is not supported under FSDP or DeepSpeed: "
+            "bitsandbytes places the whole 4-bit base on each process's device as it loads, "
+            "which the sharding cannot split. Launch with DDP (configs/accelerate/ddp.yaml): "
+            "each process holds its own 4-bit base and only the adapters' gradients are reduced"
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
