@@ -72,6 +72,7 @@ FULL = [
     Row("bigvocab long, checkpointing", "bigvocab", "long", "checkpointing", "defaults", 13),
     Row("smol135 short, LoRA r16", "smol135", "short", "lora", "lora"),
     Row("smol135 long, LoRA r16", "smol135", "long", "lora", "lora"),
+    Row("smol135 short, QLoRA r16", "smol135", "short", "qlora", "qlora"),
     # Memory at no loss of speed vs TRL's fastest: prefopt's leanest settings on the big vocab.
     Row("bigvocab short, lean memory", "bigvocab", "short", "lean", "fast"),
     Row("smol135 short, precompute", "smol135", "short", "precompute", "precompute"),

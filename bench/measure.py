@@ -128,6 +128,14 @@ def matmul_probe(seconds: float = 1.0, n: int = 1024) -> dict[str, float]:
     return {"gflops": flop / elapsed / 1e9, "gflops_per_cpu_s": flop / cpu / 1e9}
 
 
+def count_params(model: torch.nn.Module) -> int:
+    """The model's parameter count N for FLOPs: a 4-bit bitsandbytes weight (Params4bit) packs
+    two values per element, so it counts twice its numel."""
+    return sum(
+        p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters()
+    )
+
+
 def flops_per_token(params: int, variant: str) -> float:
     """Model FLOPs per token of one DPO step.
 
@@ -135,6 +143,6 @@ def flops_per_token(params: int, variant: str) -> float:
     log-probs the reference forward is gone (6N); with LoRA the frozen base weights get no weight
     gradients, so the policy backward is ~2N (adapters neglected) and the total is 6N.
     """
-    if variant in ("precompute", "lora"):
+    if variant in ("precompute", "lora", "qlora"):
         return 6.0 * params
     return 8.0 * params

@@ -12,7 +12,8 @@ timed but not counted. Writes a `measure.RunResult` JSON to `--out`.
 
 Variants: default (frozen copy as reference, response-only LM head), full_logits (LM head on every
 position), precompute (reference log-probs computed once, in setup), lora (r 16, α 32,
-all-linear, no dropout; reference = adapters off), checkpointing (default + gradient
+all-linear, no dropout; reference = adapters off), qlora (lora over a 4-bit NF4 base,
+bitsandbytes), checkpointing (default + gradient
 checkpointing), lean (precompute + checkpointing + 256-row logits chunks, freed memory returned
 to the system: least memory).
 
@@ -31,7 +32,17 @@ from typing import Any
 
 import torch
 from assets import Assets, default_root
-from measure import BATCH, BETA, LR, MAX_LENGTH, THREADS, RowTokens, RunResult, step_tokens
+from measure import (
+    BATCH,
+    BETA,
+    LR,
+    MAX_LENGTH,
+    THREADS,
+    RowTokens,
+    RunResult,
+    count_params,
+    step_tokens,
+)
 
 VARIANTS: dict[str, list[str]] = {
     "default": ["reference.strategy=copy", "train.response_only_logits=true"],
@@ -39,6 +50,16 @@ VARIANTS: dict[str, list[str]] = {
     "precompute": ["reference.strategy=precompute"],
     "lora": [
         "lora.enabled=true",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.0",
+        "lora.target_modules=all-linear",
+        "reference.strategy=adapter",
+    ],
+    # LoRA over a 4-bit NF4 base (bitsandbytes' CPU kernels dequantise each layer per matmul).
+    "qlora": [
+        "lora.enabled=true",
+        "lora.load_in_4bit=true",
         "lora.r=16",
         "lora.alpha=32",
         "lora.dropout=0.0",
@@ -133,7 +154,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
     verify_run_prefix_sharing(run, prepared)
     setup = time.perf_counter() - t0
     rows = [RowTokens.of(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in run.data.train]
-    params = sum(p.numel() for p in run.model.parameters())
+    params = count_params(run.model)
     result = RunResult(
         "prefopt", args.variant, args.model, args.data, params, setup, rows=rows, warmup=args.warmup
     )

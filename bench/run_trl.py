@@ -10,7 +10,8 @@ batch fetching and collation as prefopt's do. Writes a `measure.RunResult` JSON 
 Variants: fast (gradient checkpointing off, reference = a second model loaded from the folder),
 defaults (TRL's default gradient checkpointing on; still fp32), precompute
 (`precompute_ref_log_probs`, in setup), lora (peft r 16, α 32, all-linear, no dropout; reference
-= adapters off).
+= adapters off), qlora (the same adapters over a 4-bit NF4 base: bitsandbytes, double
+quantisation, fp32 compute, as prefopt's qlora variant loads it on the CPU).
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ from typing import Any
 
 import torch
 from assets import Assets, default_root
-from measure import BATCH, BETA, LR, MAX_LENGTH, THREADS, RowTokens, RunResult, step_tokens
+from measure import (
+    BATCH,
+    BETA,
+    LR,
+    MAX_LENGTH,
+    THREADS,
+    RowTokens,
+    RunResult,
+    count_params,
+    step_tokens,
+)
 from transformers import TrainerCallback
 
-VARIANTS = ("fast", "defaults", "precompute", "lora")
+VARIANTS = ("fast", "defaults", "precompute", "lora", "qlora")
 
 
 class StepClock(TrainerCallback):  # type: ignore[misc]
@@ -79,8 +90,23 @@ def dpo_config(variant: str, n_steps: int, out_dir: Path) -> Any:
         use_cpu=True,
         seed=42,
         disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.float32, **quantization(variant)},
     )
+
+
+def quantization(variant: str) -> dict[str, Any]:
+    """from_pretrained arguments of the base: 4-bit NF4 on the CPU for qlora, else none."""
+    if variant != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return {"quantization_config": quant, "device_map": {"": "cpu"}}
 
 
 def lora_config() -> Any:
@@ -118,7 +144,7 @@ def main() -> None:
             args=dpo_config(args.variant, n_steps, Path(tmp)),
             train_dataset=data,
             processing_class=AutoTokenizer.from_pretrained(assets.model(args.model)),
-            peft_config=lora_config() if args.variant == "lora" else None,
+            peft_config=lora_config() if args.variant in ("lora", "qlora") else None,
             callbacks=[clock],
         )
         setup = time.perf_counter() - t0
@@ -126,7 +152,7 @@ def main() -> None:
     dataset: Any = trainer.train_dataset  # tokenized: prompt_ids, chosen_ids, rejected_ids
     rows = [RowTokens.of(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in dataset]
     model: Any = trainer.model
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     result = RunResult(
         "trl", args.variant, args.model, args.data, params, setup, rows=rows, warmup=args.warmup
     )
