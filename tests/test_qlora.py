@@ -202,3 +202,23 @@ def test_qlora_two_processes_equal_one(assets: dict[str, Path], tmp_path: Path) 
     weights = final_weights(two)
     assert weights and all("lora_" in name for name in weights)
     assert_close_weights(weights, final_weights(one), atol=5e-5)
+
+
+def test_qlora_resume_equals_uninterrupted(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Stopped after 2 steps and resumed, a QLoRA run ends on the same adapters (dropout on,
+    so the saved RNG state matters too): the checkpoint holds only the adapters, and the 4-bit
+    base is rebuilt from the model folder on resume."""
+    from safetensors.torch import load_file
+
+    from prefopt.step_guards import Interrupted
+
+    common = ("train.device=cpu", "lora.enabled=true", "lora.load_in_4bit=true", "lora.r=8",
+              "lora.dropout=0.1", "train.max_steps=5", "reference.strategy=adapter")  # fmt: skip
+    toy_train(assets, tmp_path / "a", *common)
+    with pytest.raises(Interrupted):
+        toy_train(assets, tmp_path / "b", *common, "train.stop_after_steps=2")
+    toy_train(assets, tmp_path / "b", *common, "resume=latest")
+    a = load_file(str(tmp_path / "a/checkpoints/step-000005/trainable.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/step-000005/trainable.safetensors"))
+    assert a and all("lora_" in name for name in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
