@@ -489,3 +489,28 @@ def _gradients_and_norm(
     values, _ = _train_step(parts, [0, 5, 9, 13], parts.scorer)
     grads = {n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None}
     return grads, values["grad_norm"]
+
+
+def test_flex_attention_on_cpu_is_refused_before_loading_or_trains_as_sdpa(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """torch 2.13's FlexAttention has no CPU backward: a run that asks for it on the CPU stops
+    at setup with the reason, not at its first training step after the model loaded. Where a
+    torch does train it on the CPU, the run must equal sdpa's."""
+    import prefopt.run_setup as run_setup
+    from prefopt.models import flex_attention_trains_on_cpu
+
+    flex = ("train.device=cpu", "model.attn_implementation=flex_attention", "train.max_steps=2")
+    if flex_attention_trains_on_cpu():
+        run(assets, tmp_path / "flex", *flex)
+        run(assets, tmp_path / "sdpa", *flex[:1], "model.attn_implementation=sdpa", *flex[2:])
+        a, b = train_lines(tmp_path / "flex"), train_lines(tmp_path / "sdpa")
+        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+        return
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before flex_attention was refused")
+
+    monkeypatch.setattr(run_setup, "load_causal_lm", forbidden)
+    with pytest.raises(ConfigError, match=r"flex_attention cannot train on the CPU: torch 2\."):
+        run(assets, tmp_path / "out", *flex)

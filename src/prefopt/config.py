@@ -30,7 +30,9 @@ class ModelConfig:
     shows in the rewards: for speed on a GPU prefer train.mixed_precision=bf16 with float32
     weights). float16 weights are not trained stably without loss scaling; prefer bfloat16."""
     attn_implementation: str | None = None
-    """"sdpa", "eager", "flash_attention_2", "flex_attention", or None for transformers' choice."""
+    """"sdpa", "eager", "flash_attention_2", "flex_attention", or None for transformers' choice.
+    flash and flex cannot share prefixes (train.prefix_sharing falls back), and flex trains on
+    a GPU only where torch's FlexAttention has no CPU backward (torch 2.13: refused at setup)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     trust_remote_code: bool = False

@@ -283,6 +283,21 @@ def keep_4bit_training_layout(model: nn.Module) -> None:
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module typing)
 
 
+def flex_attention_trains_on_cpu() -> bool:
+    """Whether this torch's FlexAttention has a CPU backward (torch 2.13's refuses it as soon as
+    a gradient is asked for, which a run would only meet at its first training step)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)  # [B, H, T, D]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        try:
+            flex_attention(q, q, q)
+        except NotImplementedError:
+            return False
+    return True
+
+
 def _enable_checkpointing(model: Any) -> None:
     """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs)."""
     kwargs = {"use_reentrant": False}

@@ -20,7 +20,13 @@ from prefopt.config import ExperimentConfig
 from prefopt.deepspeed_state import deepspeed_launch, start_deepspeed_on_cpu
 from prefopt.errors import ConfigError
 from prefopt.malloc_tuning import keep_freed_memory
-from prefopt.models import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from prefopt.models import (
+    apply_lora,
+    disable_dropout,
+    flex_attention_trains_on_cpu,
+    load_causal_lm,
+    load_tokenizer,
+)
 from prefopt.pipeline import PreparedData, prepare_data
 from prefopt.prefix_choice import (
     PrefixSharingChoice,
@@ -75,6 +81,13 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
+    flex = cfg.model.attn_implementation == "flex_attention"
+    if cpu and flex and not flex_attention_trains_on_cpu():
+        raise ConfigError(
+            "model.attn_implementation=flex_attention cannot train on the CPU: torch "
+            f"{torch.__version__}'s FlexAttention has no CPU backward. Use sdpa (leave "
+            "model.attn_implementation unset) or train on a GPU"
+        )
     _forget_other_precision(cfg.train.mixed_precision)
     if cpu and deepspeed_launch():
         start_deepspeed_on_cpu()  # otherwise accelerate would run the launch as DDP
