@@ -31,8 +31,8 @@ class ModelConfig:
     weights). float16 weights are not trained stably without loss scaling; prefer bfloat16."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", "flex_attention", or None for transformers' choice.
-    flash and flex cannot share prefixes (train.prefix_sharing falls back), and flex trains on
-    a GPU only where torch's FlexAttention has no CPU backward (torch 2.13: refused at setup)."""
+    flash and flex cannot share prefixes (train.prefix_sharing falls back). Training with flex
+    on a CPU is refused at setup while torch's FlexAttention has no CPU backward (torch 2.13)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     trust_remote_code: bool = False
