@@ -37,7 +37,7 @@ from prefopt.run_setup import RunParts
 from prefopt.tokenize import TokenizedPair, tokenize_pairs
 from prefopt.trainer import TrainResult
 from toy import make_tokenizer, toy_pairs
-from toy_models import learnable_pairs, save_toy_model, toy_train, train_lines, write_jsonl
+from toy_models import toy_assets, toy_train, train_lines
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,12 +57,7 @@ def _missing(package: str) -> bool:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gpu")
-    return {
-        "model": save_toy_model(root / "model", "llama", seed=0),
-        "train": write_jsonl(root / "train.jsonl", learnable_pairs(24, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
-    }
+    return toy_assets(tmp_path_factory.mktemp("gpu"))
 
 
 @pytest.fixture(autouse=True)

@@ -12,17 +12,12 @@ import pytest
 from torch import nn
 
 import prefopt.reference_setup
-from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
+from toy_models import toy_assets, toy_train
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("health_runs")
-    return {
-        "model": save_toy_model(root / "model", "llama", seed=0),
-        "train": write_jsonl(root / "train.jsonl", learnable_pairs(16, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
-    }
+    return toy_assets(tmp_path_factory.mktemp("health_runs"), n_train=16)
 
 
 def run(assets: dict[str, Path], out: Path, *overrides: str) -> list[dict[str, Any]]:

@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 
 from prefopt.trainer import TrainResult
-from toy_models import learnable_pairs, save_toy_model, toy_train, write_jsonl
+from toy_models import toy_assets, toy_train
 
 LN2 = math.log(2.0)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("mp")
-    return {
-        "model": save_toy_model(root / "model", "llama", seed=0),
-        "train": write_jsonl(root / "train.jsonl", learnable_pairs(8, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
-    }
+    return toy_assets(tmp_path_factory.mktemp("mp"), n_train=8)
 
 
 def run(assets: dict[str, Path], out: Path, *overrides: str) -> TrainResult:

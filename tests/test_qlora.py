@@ -19,14 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from prefopt.run_setup import RunParts
-from toy_models import (
-    learnable_pairs,
-    make_config,
-    save_toy_model,
-    toy_train,
-    train_lines,
-    write_jsonl,
-)
+from toy_models import learnable_pairs, make_config, toy_assets, toy_train, train_lines, write_jsonl
 
 pytestmark = [
     pytest.mark.skipif(
@@ -40,12 +33,7 @@ LN2 = math.log(2.0)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("qlora")
-    return {
-        "model": save_toy_model(root / "model", "llama", seed=0),
-        "train": write_jsonl(root / "train.jsonl", learnable_pairs(24, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
-    }
+    return toy_assets(tmp_path_factory.mktemp("qlora"))
 
 
 def quantised_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -84,6 +84,16 @@ def train_lines(out: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r.get("split") == "train"]
 
 
+def toy_assets(root: Path, n_train: int = 24) -> dict[str, Path]:
+    """The toy run's files under `root`: a Llama ("model"), `n_train` learnable pairs ("train",
+    seed 0) and 8 held-out ones ("eval", seed 1), as `toy_train` takes them."""
+    return {
+        "model": save_toy_model(root / "model", "llama", seed=0),
+        "train": write_jsonl(root / "train.jsonl", learnable_pairs(n_train, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", learnable_pairs(8, seed=1)),
+    }
+
+
 def toy_train(assets: dict[str, Path], out: Path, *overrides: str) -> Any:
     """`prefopt.trainer.train` on toy assets ("model", "train", "eval" paths) into `out`: lr 1e-2,
     no warm-up, 4 pairs per step, 3 epochs, no progress bar; `overrides` come last and win."""
