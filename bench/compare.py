@@ -14,6 +14,17 @@ ratios, per-step losses) and saves every raw result to `<assets>/results/<suite>
 Tokens/s counts the non-pad tokens the model sees with the prompt in both rows (TRL's count) for
 both tools. MFU = model FLOPs per token (8N; 6N for precompute and LoRA, see
 `measure.flops_per_token`) × tokens/s ÷ the mean matmul rate probed around that run.
+
+GPU mode: `--device cuda --precision bf16` runs both tools on the GPU (prefopt
+`train.device=cuda`, `train.mixed_precision=bf16`; TRL `use_cpu=False`, `bf16=True`: autocast
+over float32 weights in both), with torch's default CPU threads, a synchronize at every step
+mark, no wait for free host memory, and a 4096² matmul probe in the run's precision (bf16 or
+fp32) as MFU's denominator. The table then shows s/step to the millisecond, the peak of
+`torch.cuda.max_memory_allocated()` beside peak RSS, and prefopt / TRL of the GPU peaks; no CPU
+share. `scripts/gpu_bench.sh` is that run as one command for a lent H100/H200:
+
+    .venv/bin/python bench/compare.py --device cuda --precision bf16 --only "smol135 short" \
+        --warmup 2 --steps 6 --reps 2
 """
 
 from __future__ import annotations
@@ -29,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from assets import build_assets, default_root
-from measure import THREADS, matmul_probe
+from assets import ROWS, build_assets, default_root
+from measure import BATCH, THREADS, matmul_probe, no_device_error
 from report import Record, render_table
 
 HERE = Path(__file__).resolve().parent
@@ -141,7 +152,8 @@ def run_one(
         "data": row.data,
     }
     need = row.need_gib or NEED_GIB[(row.model, row.data)]
-    if args.wait_memory and not wait_for_memory(need, args.wait_memory):
+    wait = args.wait_memory and args.device == "cpu"  # host RAM: not the GPU's limit
+    if wait and not wait_for_memory(need, args.wait_memory):
         total = machine_state()["mem_total_gib"]
         return {**record, "error": f"skipped: needs {need} GiB free (machine: {total:.0f} GiB)"}
     out = out_dir / f"{tag}.json"
@@ -163,10 +175,15 @@ def run_one(
         str(args.root),
         "--out",
         str(out),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
     ]
     if impl == "prefopt":
         cmd += ["--prefix-sharing", row.prefix_sharing]
-    record["before"] = {**matmul_probe(), **machine_state()}
+    probe = {"device": args.device, "precision": args.precision}
+    record["before"] = {**matmul_probe(**probe), **machine_state()}
     print(
         f"[{time.strftime('%H:%M:%S')}] {impl} {variant} on {row.model}/{row.data} "
         f"(matmul {record['before']['gflops']:.0f} GFLOP/s)",
@@ -182,16 +199,18 @@ def run_one(
         except subprocess.TimeoutExpired:
             code = "timeout"
     record["wall_s"] = time.time() - t0
-    record["after"] = {**matmul_probe(), **machine_state()}
+    record["after"] = {**matmul_probe(**probe), **machine_state()}
     if code != 0 or not out.is_file():
         tail = f"exit {code}: " + log.read_text()[-2000:]
         print(f"  FAILED ({log}): {tail}", flush=True)
         return {**record, "error": tail}
     record["result"] = json.loads(out.read_text())
     steps = record["result"]["step_s"]
+    gpu = record["result"].get("peak_gpu_gib")
     print(
-        f"  steps {[round(s, 1) for s in steps]} s, peak RSS "
-        f"{record['result']['peak_rss_gib']:.2f} GiB",
+        f"  steps {[round(s, 3 if gpu is not None else 1) for s in steps]} s, peak RSS "
+        f"{record['result']['peak_rss_gib']:.2f} GiB"
+        + (f", peak GPU {gpu:.2f} GiB" if gpu is not None else ""),
         flush=True,
     )
     return record
@@ -209,6 +228,9 @@ def measure_suite(rows: list[Row], args: argparse.Namespace, save: Path) -> list
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
+    if args.device == "cuda":
+        meta |= {"device": "cuda", "precision": args.precision, "threads": torch.get_num_threads()}
+        meta["gpu"] = torch.cuda.get_device_name()
     for rep in range(args.reps):
         for row in rows:
             for impl in ("prefopt", "trl"):
@@ -256,20 +278,37 @@ def main() -> None:
         default=1800,
         help="seconds to wait for free memory before a run (0: don't wait)",
     )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16 (cuda only): autocast over float32 weights in both tools",
+    )
     parser.add_argument("--root", type=Path, default=default_root(), help="assets root")
     parser.add_argument(
         "--table", type=Path, default=None, help="print the table of a results JSON"
     )
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    if args.device == "cpu":
+        torch.set_num_threads(THREADS)
     if args.table:
         saved = json.loads(args.table.read_text())
         print(render_table(saved["records"], saved["meta"]))
         print("\n".join(prefix_sharing_notes(saved["records"])))
         return
+    if error := no_device_error(args.device):
+        parser.error(error)
+    if args.device == "cpu" and args.precision != "fp32":
+        parser.error("--precision bf16 is for --device cuda (the CPU table and probe are fp32)")
+    if (args.warmup + args.steps) * BATCH > ROWS:
+        parser.error(f"--warmup + --steps is at most {ROWS // BATCH} ({ROWS} rows per data file)")
     build_assets(args.root)
     rows = select_rows(args)
-    save = args.root / "results" / time.strftime(f"{args.suite}-%Y%m%d-%H%M%S") / "results.json"
+    if not rows:
+        parser.error(f"--only {args.only}: no such row in suite {args.suite}")
+    name = args.suite if args.device == "cpu" else f"{args.suite}-cuda-{args.precision}"
+    save = args.root / "results" / time.strftime(f"{name}-%Y%m%d-%H%M%S") / "results.json"
     save.parent.mkdir(parents=True, exist_ok=True)
     records = measure_suite(rows, args, save)
     meta = json.loads(save.read_text())["meta"] if save.is_file() else {}

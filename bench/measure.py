@@ -2,7 +2,8 @@
 
 A runner (`run_prefopt.py`, `run_trl.py`) trains a few optimizer steps in its own fresh process
 and writes one JSON result: per-step wall times and losses, the tokens of each step, each row's
-token counts (to check both tools tokenized alike), setup time and peak RSS at exit.
+token counts (to check both tools tokenized alike), setup time and peak RSS at exit (on a CUDA
+GPU also the peak of `torch.cuda.max_memory_allocated`).
 
 Tokens are counted as TRL counts them: the non-pad tokens the model sees, the prompt once in the
 chosen row and once in the rejected row, whatever the tool actually computes.
@@ -72,9 +73,16 @@ class RunResult:
     threads: int = THREADS
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+    """fp32, or bf16: autocast over fp32 weights."""
+    peak_gpu_gib: float | None = None
+    """device cuda: `torch.cuda.max_memory_allocated()` at exit (GiB); None on the CPU."""
 
     def write(self, path: Path) -> None:
         self.peak_rss_gib = peak_rss_gib()
+        if self.device == "cuda":
+            self.peak_gpu_gib = torch.cuda.max_memory_allocated() / 2**30
         self.versions = versions()
         path.write_text(json.dumps(asdict(self), indent=1))
 
@@ -110,13 +118,28 @@ def versions() -> dict[str, str]:
     return out
 
 
-def matmul_probe(seconds: float = 1.0, n: int = 1024) -> dict[str, float]:
+def no_device_error(device: str) -> str | None:
+    """Why `--device` cannot run here (no CUDA GPU visible), or None if it can."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return (
+            f"--device cuda: torch {torch.__version__} sees no CUDA GPU here "
+            "(run on a GPU machine, or use --device cpu)"
+        )
+    return None
+
+
+def matmul_probe(
+    seconds: float = 1.0, n: int = 1024, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, float]:
     """This machine's fp32 matmul rate right now: n×n @ n×n repeated for ~`seconds`.
 
     Returns GFLOP per wall second ("gflops") and per CPU second of this process summed over its
     threads ("gflops_per_cpu_s"). When other jobs take the cores the first drops; the second
     stays near the machine's per-core rate, which makes it the steadier denominator for MFU.
+    On a CUDA GPU: `cuda_matmul_probe` (4096², in `precision`; "gflops" only).
     """
+    if device == "cuda":
+        return cuda_matmul_probe(seconds, precision)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm up (allocation, thread pool)
     count, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -126,6 +149,33 @@ def matmul_probe(seconds: float = 1.0, n: int = 1024) -> dict[str, float]:
     flop = 2 * n**3 * count
     cpu = max(time.process_time() - c0, 1e-9)
     return {"gflops": flop / elapsed / 1e9, "gflops_per_cpu_s": flop / cpu / 1e9}
+
+
+def cuda_matmul_probe(
+    seconds: float = 1.0, precision: str = "fp32", n: int = 4096
+) -> dict[str, float]:
+    """The GPU's matmul rate right now: n×n @ n×n in bf16 or fp32 (torch's default: no TF32),
+    in bursts of 10 each followed by a synchronize, for ~`seconds` after ~0.25 s of warm-up
+    (cuBLAS set-up, clocks up from idle). Returns {"gflops": GFLOP per wall second}."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    pair = [torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2)]
+
+    def burst() -> None:
+        for _ in range(10):
+            torch.mm(pair[0], pair[1])
+        torch.cuda.synchronize()
+
+    burst()  # cuBLAS handle, workspace (can take longer than the warm-up below)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.25:
+        burst()
+    count, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        burst()
+        count += 10
+    pair.clear()
+    torch.cuda.empty_cache()  # the probing process keeps no more than its CUDA context
+    return {"gflops": 2 * n**3 * count / elapsed / 1e9}
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -1,4 +1,8 @@
-"""Turn `compare.py`'s raw records into the markdown table of docs/benchmarks.md."""
+"""Turn `compare.py`'s raw records into the markdown table of docs/benchmarks.md.
+
+A GPU run (meta "device" cuda) gets its own columns: peak GPU memory (allocated) beside peak RSS,
+matmul TFLOP/s, s/step to the millisecond, and no CPU share.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class Summary:
     mfu_cpu: list[float]
     probes: list[str]
     setup_s: list[float]
+    gpu_gib: float | None = None
+    """Peak `torch.cuda.max_memory_allocated()` over the runs (GPU runs only)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -43,8 +49,10 @@ class Summary:
         return BATCH * len(self.steps) / sum(self.steps)
 
 
-def summarize(records: Sequence[Record]) -> Summary | None:
-    """Pool the measured (post-warm-up) steps of successful runs; None if none succeeded."""
+def summarize(records: Sequence[Record], probe_unit: float = 1.0) -> Summary | None:
+    """Pool the measured (post-warm-up) steps of successful runs; None if none succeeded.
+
+    `probe_unit`: the probes' GFLOP/s are shown divided by it (1000: TFLOP/s)."""
     ok = [r for r in records if "result" in r]
     if not ok:
         return None
@@ -66,10 +74,12 @@ def summarize(records: Sequence[Record]) -> Summary | None:
             cpu_rate = (r["before"]["gflops_per_cpu_s"] + r["after"]["gflops_per_cpu_s"]) / 2
             per_cpu_s = flops_per_token(res["params"], res["variant"]) * run_tokens / sum(run_cpu)
             mfu_cpu.append(per_cpu_s / (cpu_rate * 1e9))
-        probes.append(f"{r['before']['gflops']:.0f}→{r['after']['gflops']:.0f}")
+        before, after = r["before"]["gflops"] / probe_unit, r["after"]["gflops"] / probe_unit
+        probes.append(f"{before:.0f}→{after:.0f}")
     rss = max(r["result"]["peak_rss_gib"] for r in ok)
     setup = [r["result"]["setup_s"] for r in ok]
-    return Summary(steps, cpu, tokens, rss, mfu, mfu_cpu, probes, setup)
+    gpu = [g for r in ok if (g := r["result"].get("peak_gpu_gib")) is not None]
+    return Summary(steps, cpu, tokens, rss, mfu, mfu_cpu, probes, setup, max(gpu, default=None))
 
 
 def _baseline(records: Sequence[Record], rec: Record, rows_with_trl: set[str]) -> list[Record]:
@@ -96,6 +106,28 @@ def _line(row: str, tool: str, s: Summary | None, ratio: str, error: str = "") -
         f"{s.pairs_per_s:.3f} | {s.rss_gib:.2f} | {', '.join(s.probes)} | {_cpu(s)} | "
         f"{_mfu(s)} | {ratio} |"
     )
+
+
+def _gpu_line(row: str, tool: str, s: Summary | None, ratio: str, error: str = "") -> str:
+    if s is None:
+        return _line(row, tool, s, ratio, error)  # as many columns
+    spread = f" ({min(s.steps):.3f}–{max(s.steps):.3f})" if len(s.steps) > 1 else ""
+    gpu = f"{s.gpu_gib:.2f}" if s.gpu_gib is not None else ""
+    return (
+        f"| {row} | {tool} | {statistics.mean(s.steps):.3f}{spread} | {s.tokens_per_s:.0f} | "
+        f"{s.pairs_per_s:.2f} | {gpu} | {s.rss_gib:.2f} | {', '.join(s.probes)} | "
+        f"{100 * statistics.mean(s.mfu):.1f}% | {ratio} |"
+    )
+
+
+def _gpu_ratio(p: Summary | None, t: Summary | None) -> str:
+    if p is None or t is None:
+        return ""
+    mfu = statistics.mean(p.mfu) / statistics.mean(t.mfu)
+    out = f"**{p.tokens_per_s / t.tokens_per_s:.2f}×** tok/s, {mfu:.2f}× MFU"
+    if p.gpu_gib and t.gpu_gib:
+        out += f", {p.gpu_gib / t.gpu_gib:.2f}× GPU peak"
+    return out
 
 
 def _mfu(s: Summary) -> str:
@@ -163,14 +195,8 @@ def loss_lines(records: Sequence[Record]) -> list[str]:
 
 def render_table(records: Sequence[Record], meta: dict[str, Any]) -> str:
     """The markdown table (one line per row and tool), then token, loss and failure notes."""
-    head = [
-        f"suite {meta.get('suite')}, {meta.get('date')}: {meta.get('warmup')} warm-up + "
-        f"{meta.get('steps')} measured steps per run, {meta.get('threads')} threads, fp32",
-        "",
-        "| case | tool / config | s/step (min–max) | tokens/s | pairs/s | peak RSS GiB | matmul "
-        "GFLOP/s before→after | CPU share, tok/CPU-s | MFU wall / per CPU-s | prefopt / TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    gpu = meta.get("device") == "cuda"
+    head = _gpu_head(meta) if gpu else _cpu_head(meta)
     rows_with_trl = {r["row"] for r in records if r["impl"] == "trl"}
     lines = []
     for row in dict.fromkeys(r["row"] for r in records):
@@ -178,12 +204,15 @@ def render_table(records: Sequence[Record], meta: dict[str, Any]) -> str:
             mine = [r for r in records if r["row"] == row and r["impl"] == impl]
             if not mine:
                 continue
-            s = summarize(mine)
+            unit = 1000.0 if gpu else 1.0
+            s = summarize(mine, unit)
             ratio = ""
             if impl == "prefopt":
-                ratio = _ratio(s, summarize(_baseline(records, mine[0], rows_with_trl)))
+                base = summarize(_baseline(records, mine[0], rows_with_trl), unit)
+                ratio = _gpu_ratio(s, base) if gpu else _ratio(s, base)
             error = str(mine[0].get("error", ""))
-            lines.append(_line(row, f"{impl} {mine[0]['variant']}", s, ratio, error))
+            line = _gpu_line if gpu else _line
+            lines.append(line(row, f"{impl} {mine[0]['variant']}", s, ratio, error))
     failures = [
         f"- {r['row']}, {r['impl']}: {str(r['error'])[-300:]}"
         for r in records
@@ -200,3 +229,30 @@ def render_table(records: Sequence[Record], meta: dict[str, Any]) -> str:
     if failures:
         notes += ["", "Failed or skipped runs:", *failures]
     return "\n".join(head + lines + notes)
+
+
+def _cpu_head(meta: dict[str, Any]) -> list[str]:
+    """Title and header of a CPU run's table."""
+    return [
+        f"suite {meta.get('suite')}, {meta.get('date')}: {meta.get('warmup')} warm-up + "
+        f"{meta.get('steps')} measured steps per run, {meta.get('threads')} threads, fp32",
+        "",
+        "| case | tool / config | s/step (min–max) | tokens/s | pairs/s | peak RSS GiB | matmul "
+        "GFLOP/s before→after | CPU share, tok/CPU-s | MFU wall / per CPU-s | prefopt / TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def _gpu_head(meta: dict[str, Any]) -> list[str]:
+    """Title and header of a GPU run's table."""
+    precision = meta.get("precision")
+    how = "bf16 autocast over fp32 weights" if precision == "bf16" else "fp32 (no TF32)"
+    return [
+        f"suite {meta.get('suite')}, {meta.get('date')}: {meta.get('warmup')} warm-up + "
+        f"{meta.get('steps')} measured steps per run, {meta.get('gpu')}, {how}",
+        "",
+        "| case | tool / config | s/step (min–max) | tokens/s | pairs/s | peak GPU GiB "
+        f"(allocated) | peak RSS GiB | matmul {precision} TFLOP/s before→after | MFU | "
+        "prefopt / TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]

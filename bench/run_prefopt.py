@@ -20,6 +20,11 @@ to the system: least memory).
 `--prefix-sharing` applies to any variant: auto (prefopt's default: on where the mean prompt is at
 least as long as the mean response, so off on `short`, on on `long`), on, or off. What the run
 resolved it to goes into the result's notes.
+
+`--device cuda` trains on the GPU (`train.device=cuda`, torch's default CPU threads) and
+synchronizes at the step marks; `--precision bf16` sets `train.mixed_precision=bf16` (autocast
+over float32 weights, prefopt's recommended GPU setting). The result then also holds the peak of
+`torch.cuda.max_memory_allocated()`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from measure import (
     RowTokens,
     RunResult,
     count_params,
+    no_device_error,
     step_tokens,
 )
 
@@ -89,8 +95,10 @@ def overrides(
     n_steps: int,
     tmp: Path,
     prefix_sharing: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> list[str]:
-    """The `key=value` config of one benchmark run."""
+    """The `key=value` config of one benchmark run (on cuda: torch's default CPU threads)."""
     common = [
         f"model.name_or_path={assets.model(model)}",
         f"data.train={assets.data(data)}",
@@ -100,8 +108,8 @@ def overrides(
         "train.grad_accum=1",
         f"train.max_steps={n_steps}",
         "train.group_by_length=false",
-        f"train.num_threads={THREADS}",
-        "train.device=cpu",
+        *([f"train.num_threads={THREADS}"] if device == "cpu" else []),
+        f"train.device={device}",
         "loss.name=sigmoid",
         f"loss.beta={BETA}",
         f"optim.lr={LR}",
@@ -112,20 +120,28 @@ def overrides(
         f"output.dir={tmp / 'out'}",
         f"train.prefix_sharing={PREFIX_SHARING[prefix_sharing]}",
     ]
+    if precision == "bf16":
+        common.append("train.mixed_precision=bf16")  # autocast; the weights stay float32
     return common + VARIANTS[variant]
 
 
 def train_steps(run: Any, prepared: Any, n_steps: int, result: RunResult) -> None:
-    """Sequential batches of BATCH rows, one optimizer step each, timed wall-clock."""
+    """Sequential batches of BATCH rows, one optimizer step each, timed wall-clock (on cuda
+    between synchronizes, so the GPU's queued work counts in its own step)."""
     from prefopt.trainer import _train_step
 
+    cuda = result.device == "cuda"
     for s in range(n_steps):
         batch = list(range(s * BATCH, (s + 1) * BATCH))
+        if cuda:
+            torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         values, _ = _train_step(run, batch, prepared)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         result.step_s.append(time.perf_counter() - t0)
         result.step_cpu_s.append(time.process_time() - c0)
         result.losses.append(float(values["loss"]))
@@ -145,7 +161,17 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
     assets = Assets(args.root or default_root())
     cfg = load_config(
         None,
-        overrides(assets, args.model, args.data, args.variant, n_steps, tmp, args.prefix_sharing)
+        overrides(
+            assets,
+            args.model,
+            args.data,
+            args.variant,
+            n_steps,
+            tmp,
+            args.prefix_sharing,
+            args.device,
+            args.precision,
+        )
         + list(args.set),
     )
     t0 = time.perf_counter()
@@ -158,6 +184,9 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, RunResult]:
     result = RunResult(
         "prefopt", args.variant, args.model, args.data, params, setup, rows=rows, warmup=args.warmup
     )
+    result.device, result.precision = args.device, args.precision
+    if args.device == "cuda":
+        result.threads = torch.get_num_threads()  # torch's default there
     result.step_tokens = step_tokens(rows, n_steps)
     checked = "; checked against two-pass scoring" if run.prefix_sharing.checked else ""
     result.notes.append(run.prefix_sharing.describe() + checked)
@@ -182,6 +211,13 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     parser.add_argument("--steps", type=int, default=2, help="measured steps")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: train.mixed_precision=bf16 (autocast over float32 weights)",
+    )
     parser.add_argument("--root", type=Path, default=None, help="assets root")
     parser.add_argument("--out", type=Path, default=None, help="result JSON")
     parser.add_argument(
@@ -190,7 +226,10 @@ def main() -> None:
         help="after warm-up, time the phases of one step and profile another",
     )
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    if error := no_device_error(args.device):
+        parser.error(error)
+    if args.device == "cpu":
+        torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory(prefix="prefopt-bench-") as tmp:
         run, prepared, result = build(args, Path(tmp))
         if args.profile:
