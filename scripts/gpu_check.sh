@@ -7,6 +7,7 @@
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # Writes gpu.txt, test_gpu.log and prefix_sharing.log under $OUT (or /tmp/gpu-check).
+# prefopt-vs-TRL throughput on the GPU is scripts/gpu_bench.sh (its own carry, .whl-bench).
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 out="${OUT:-/tmp/gpu-check}"
