@@ -4,6 +4,7 @@
 # peft, accelerate are there) with this checkout's src/ on PYTHONPATH; packages it lacks travel
 # as wheels in .whl/ (bitsandbytes for the QLoRA test, flash_attn for the flash-attention one).
 #
+#   mkdir -p .whl && .venv/bin/pip download -q --no-deps -d .whl bitsandbytes==0.50.2  # 43 MiB
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # Writes gpu.txt, test_gpu.log and prefix_sharing.log under $OUT (or /tmp/gpu-check).
