@@ -210,3 +210,35 @@ def test_qlora_resume_equals_uninterrupted(assets: dict[str, Path], tmp_path: Pa
     b = load_file(str(tmp_path / "b/checkpoints/step-000005/trainable.safetensors"))
     assert a and all("lora_" in name for name in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_merge_on_save_merges_into_the_full_precision_base(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """lora.merge_on_save with QLoRA saves a plain model: the trained adapters merged into the
+    full-precision base (not a 4-bit model with merged weights rounded back to 4 bits)."""
+    import dataclasses
+    import json
+
+    from prefopt.checkpoint import load_trainable
+    from prefopt.config_io import load_config
+    from prefopt.run_setup import build_policy
+
+    out = tmp_path / "out"
+    overrides = ["train.device=cpu", "lora.enabled=true", "lora.load_in_4bit=true", "lora.r=8",
+                 "lora.dropout=0.0", "train.max_steps=3"]  # fmt: skip
+    toy_train(assets, out, *overrides, "lora.merge_on_save=true")
+    assert "quantization_config" not in json.loads((out / "model/config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert not any(type(m).__name__ == "Linear4bit" or "lora" in n
+                   for n, m in merged.named_modules())  # fmt: skip
+
+    cfg = load_config(None, [f"model.name_or_path={assets['model']}", *overrides])
+    unquantised = dataclasses.replace(cfg.lora, load_in_4bit=False)
+    full = build_policy(dataclasses.replace(cfg, lora=unquantised))
+    load_trainable(out / "checkpoints/step-000003", full)
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = full.eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from safetensors import SafetensorError
 
@@ -72,7 +73,7 @@ def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:
     target = out_dir / "model"
     model: Any = run.model
     if cfg.lora.enabled and cfg.lora.merge_on_save:
-        model = model.merge_and_unload()
+        model = _merged(run)
     try:
         model.save_pretrained(str(target), safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
@@ -85,6 +86,26 @@ def save_final(run: RunParts, out_dir: Path, metrics: dict[str, float]) -> Path:
         raise PrefoptError(f"could not write the model card or final metrics: {exc}") from None
     logger.info("final model saved to %s", target)
     return target
+
+
+def _merged(run: RunParts) -> Any:
+    """The trained adapters merged into their base model, as one plain model.
+
+    A QLoRA policy's base is 4-bit: merging there would round every merged weight back to 4
+    bits and save a bitsandbytes model. The adapters go onto the full-precision base instead,
+    loaded again from the same folder (the weights QLoRA quantised), and are merged there.
+    """
+    if not run.cfg.lora.load_in_4bit:
+        return cast(Any, run.model).merge_and_unload()
+    from peft import PeftModel
+
+    from prefopt.models import load_causal_lm, quiet_peft_wrapping
+
+    with tempfile.TemporaryDirectory(prefix="prefopt-adapters-") as tmp:
+        cast(Any, run.model).save_pretrained(tmp)  # the adapters only
+        with quiet_peft_wrapping():
+            full = PeftModel.from_pretrained(load_causal_lm(run.cfg.model), tmp)
+        return full.merge_and_unload()
 
 
 def adapter_base(model_dir: Path) -> str | None:
