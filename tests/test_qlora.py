@@ -100,6 +100,8 @@ def test_qlora_adapters_load_on_the_full_precision_base(
     names = [n for n, _ in loaded.named_parameters()]
     assert any("lora_A" in n for n in names)
     assert not any(type(m).__name__ == "Linear4bit" for m in loaded.modules())
+    card = (out / "model/README.md").read_text()
+    assert "QLoRA r=8" in card and "4-bit NF4" in card and "checkpoints/step-N" in card
 
 
 def eval_then_train_gradients(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:

@@ -165,12 +165,25 @@ def describe_base(cfg: ExperimentConfig, base: str | None) -> str:
     )
 
 
+def _qlora_note(merged: bool) -> str:
+    """How a QLoRA run's saved model relates to the 4-bit base it trained over."""
+    where = "merged into" if merged else "on"
+    return (
+        ", trained over the base loaded in 4-bit NF4 (bitsandbytes, double quantisation). Here "
+        f"the adapter is {where} the full-precision base, where its scores differ slightly from "
+        "training's; a training checkpoint (`prefopt eval --model OUTPUT/checkpoints/step-N`) "
+        "reproduces them"
+    )
+
+
 def model_card(cfg: ExperimentConfig, metrics: dict[str, float], model_dir: Path) -> str:
     """A short README for the saved model in `model_dir` (its files already written)."""
     loss = "+".join(cfg.loss.names)
     lora = (
-        f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {cfg.lora.target_modules}"
+        f"{'QLoRA' if cfg.lora.load_in_4bit else 'LoRA'} r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+        f"targets {cfg.lora.target_modules}"
         + (" (merged)" if cfg.lora.merge_on_save else " (adapter only)")
+        + (_qlora_note(cfg.lora.merge_on_save) if cfg.lora.load_in_4bit else "")
         if cfg.lora.enabled
         else "full fine-tune"
     )
