@@ -208,6 +208,8 @@ def quantization_kwargs(cfg: ModelConfig, device: str) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     on_gpu = device == "cuda"
+    if not on_gpu:
+        _quiet_inference_kernel_notice()
     compute = torch.bfloat16 if on_gpu and cfg.dtype == "float32" else _DTYPES[cfg.dtype]
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -264,6 +266,15 @@ def load_causal_lm(
     model.train()  # from_pretrained returns eval mode; callers freeze() a reference explicitly
     logger.info("loaded %s (%s, %.1f M parameters)", source.location, cfg.dtype, _millions(model))
     return model
+
+
+def _quiet_inference_kernel_notice() -> None:
+    """bitsandbytes' CPU backend warns at import, on AVX512-BF16 CPUs, that it could not fetch
+    its inference kernel from the Hub (`pip install kernels`). Training never uses that kernel
+    (`keep_4bit_training_layout`), so the advice would only send users after a download."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+    )
 
 
 def keep_4bit_training_layout(model: nn.Module) -> None:
