@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import shutil
 from pathlib import Path
@@ -389,6 +390,17 @@ def test_qlora_load_arguments(
     assert quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == compute and kwargs["dtype"] == compute
     assert kwargs["device_map"] == {"": place}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="checks a missing flash_attn"
+)
+def test_attention_whose_package_is_missing_names_the_setting(tmp_path: Path) -> None:
+    """transformers raises ImportError for a missing kernel package; the error names the flag."""
+    folder = save_toy_model(tmp_path / "m", "llama")
+    cfg = ModelConfig(name_or_path=str(folder), attn_implementation="flash_attention_2")
+    with pytest.raises(ModelError, match=r"model\.attn_implementation=flash_attention_2 cannot"):
+        load_causal_lm(cfg)
 
 
 def test_lora_on_an_unquantised_base_with_load_in_4bit_is_refused() -> None:

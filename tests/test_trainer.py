@@ -514,3 +514,19 @@ def test_flex_attention_on_cpu_is_refused_before_loading_or_trains_as_sdpa(
     monkeypatch.setattr(run_setup, "load_causal_lm", forbidden)
     with pytest.raises(ConfigError, match=r"flex_attention cannot train on the CPU: torch 2\."):
         run(assets, tmp_path / "out", *flex)
+
+
+def test_flash_attention_on_cpu_is_refused_before_loading(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Flash attention kernels are CUDA-only: on the CPU the run stops at setup, naming the
+    setting, instead of a transformers ImportError traceback after the config was accepted."""
+    import prefopt.run_setup as run_setup
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before flash attention was refused")
+
+    monkeypatch.setattr(run_setup, "load_causal_lm", forbidden)
+    with pytest.raises(ConfigError, match=r"attn_implementation=flash_attention_2 runs on CUDA"):
+        run(assets, tmp_path / "out", "train.device=cpu",
+            "model.attn_implementation=flash_attention_2")  # fmt: skip

@@ -247,6 +247,15 @@ def load_causal_lm(
     _refuse_unsafe_bin(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except ImportError as exc:
+        if not cfg.attn_implementation:
+            raise
+        # transformers' "FlashAttention2 has been toggled on, but … not installed" (or another
+        # kernel's package missing): name the setting that asked for it.
+        raise ModelError(
+            f"model.attn_implementation={cfg.attn_implementation} cannot be used: {exc} "
+            "(leave it unset for sdpa)"
+        ) from None
     except (OSError, ValueError, RuntimeError, UnpicklingError, SafetensorError) as exc:
         fault = _weights_fault(exc)
         if fault is not None:

@@ -79,15 +79,8 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     cpu = runs_on_cpu(cfg)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible")
-    if cpu and cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
-    flex = cfg.model.attn_implementation == "flex_attention"
-    if cpu and flex and not flex_attention_trains_on_cpu():
-        raise ConfigError(
-            "model.attn_implementation=flex_attention cannot train on the CPU: torch "
-            f"{torch.__version__}'s FlexAttention has no CPU backward. Use sdpa (leave "
-            "model.attn_implementation unset) or train on a GPU"
-        )
+    if cpu:
+        _refuse_gpu_only_settings(cfg)
     _forget_other_precision(cfg.train.mixed_precision)
     if cpu and deepspeed_launch():
         start_deepspeed_on_cpu()  # otherwise accelerate would run the launch as DDP
@@ -95,6 +88,24 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
     configure_accelerator(accelerator, cfg)
     return accelerator
+
+
+def _refuse_gpu_only_settings(cfg: ExperimentConfig) -> None:
+    """On the CPU: refuse, before any model loads, what would otherwise fail mid-run."""
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use no (or bf16) on CPU")
+    impl = cfg.model.attn_implementation or ""
+    if impl.startswith("flash_attention"):
+        raise ConfigError(
+            f"model.attn_implementation={impl} runs on CUDA GPUs only; on the CPU leave it "
+            "unset (sdpa) or use eager"
+        )
+    if impl == "flex_attention" and not flex_attention_trains_on_cpu():
+        raise ConfigError(
+            "model.attn_implementation=flex_attention cannot train on the CPU: torch "
+            f"{torch.__version__}'s FlexAttention has no CPU backward. Use sdpa (leave "
+            "model.attn_implementation unset) or train on a GPU"
+        )
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
