@@ -291,12 +291,13 @@ def keep_4bit_training_layout(model: nn.Module) -> None:
 
     On CPUs with AVX512-BF16, a Linear4bit layer's first eval-mode, no-grad forward (our
     evaluation, the adapter reference's scoring) rewrites its weight in place into an
-    inference-only layout with bf16 block scales (bitsandbytes 0.49.0 on; 0.46–0.48 lack
-    it). Every later training forward then uses that kernel: the base's outputs shift (1.5e-4 nats on a 2-layer toy) and
-    no gradient flows back through the frozen base, so adapters below the top layer get wrong
-    gradients (0.2 off on the toy; tests/test_qlora.py). The layout also fails outright on
-    layers narrower than a quantisation block (64). Training keeps the one layout that backward
-    supports; the flag is bitsandbytes' own switch for this path.
+    inference-only layout with bf16 block scales (bitsandbytes 0.49.0 on; 0.46-0.48 lack
+    it). Every later training forward then uses that kernel: the base's outputs shift
+    (1.5e-4 nats on a 2-layer toy) and no gradient flows back through the frozen base, so
+    adapters below the top layer get wrong gradients (0.2 off on the toy;
+    tests/test_qlora.py). The layout also fails outright on layers narrower than a
+    quantisation block (64). Training keeps the one layout that backward supports; the flag
+    is bitsandbytes' own switch for this path.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
