@@ -280,10 +280,13 @@ def load_causal_lm(
 def _quiet_inference_kernel_notice() -> None:
     """bitsandbytes' CPU backend warns at import, on AVX512-BF16 CPUs, that it could not fetch
     its inference kernel from the Hub (`pip install kernels`). Training never uses that kernel
-    (`keep_4bit_training_layout`), so the advice would only send users after a download."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-    )
+    (`keep_4bit_training_layout`), so the advice would only send users after a download.
+    (Adding the same filter function again is a no-op, so repeated loads stack nothing.)"""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernel_notice)
+
+
+def _not_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
 def keep_4bit_training_layout(model: nn.Module) -> None:
