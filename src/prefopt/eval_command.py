@@ -167,10 +167,9 @@ def run_eval(cfg: Any, model_location: str) -> tuple[dict[str, float], list[dict
     from prefopt.models import load_tokenizer
     from prefopt.pipeline import prepare_data
     from prefopt.prefix_sharing import SharedPrefixLogprobModel
+    from prefopt.run_setup import runs_on_cpu
 
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    )
+    device = torch.device("cpu" if runs_on_cpu(cfg) else "cuda")
     run = checkpoint_run(cfg, model_location)
     tokenizer = load_tokenizer(cfg.model if run is None else run.model)
     data = prepare_data(cfg, tokenizer)
