@@ -182,6 +182,13 @@ def test_split_never_shares_a_prompt(tmp_path: Path, capsys) -> None:
     assert main(args) == 0 and read(held) == eval_rows  # seeded: the same split again
 
 
+def build_args(model: Path, prompts: Path, judge: str, out: Path) -> list[str]:
+    """`prefopt data build` on the toy model: 3 samples of at most 5 tokens per prompt, CPU."""
+    return ["data", "build", "--model", str(model), "--prompts", str(prompts), "--judge", judge,
+            "--output", str(out), "--k", "3", "--max-new-tokens", "5", "--device", "cpu",
+            "--quiet"]  # fmt: skip
+
+
 def test_build_and_resume(tmp_path: Path, capsys) -> None:
     model = save_toy_model(tmp_path / "model")
     prompts = write_jsonl(
@@ -189,25 +196,7 @@ def test_build_and_resume(tmp_path: Path, capsys) -> None:
         [{"prompt": "hello"}, {"prompt": "say hi"}, {"prompt": "is the sun hot ?"}],
     )
     out = tmp_path / "pairs.jsonl"
-    args = [
-        "data",
-        "build",
-        "--model",
-        str(model),
-        "--prompts",
-        str(prompts),
-        "--judge",
-        "length",
-        "--output",
-        str(out),
-        "--k",
-        "3",
-        "--max-new-tokens",
-        "5",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    args = build_args(model, prompts, "length", out)
     assert main(args) == 0
     assert "3 prompts (0 done before, 3 sampled now)" in capsys.readouterr().out
     rows = read(out)
@@ -232,25 +221,7 @@ def test_build_with_a_module_judge_and_skipped_prompts(tmp_path: Path, capsys, m
         b'{"prompt": ""}\n{"prompt": "say hi"}\n'
     )
     out = tmp_path / "pairs.jsonl"
-    args = [
-        "data",
-        "build",
-        "--model",
-        str(model),
-        "--prompts",
-        str(prompts),
-        "--judge",
-        "words_judge_for_test:score",
-        "--output",
-        str(out),
-        "--k",
-        "3",
-        "--max-new-tokens",
-        "5",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    args = build_args(model, prompts, "words_judge_for_test:score", out)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"file {prompts}, row 1, field 'prompt': line 2 is not valid UTF-8" in err
