@@ -105,10 +105,13 @@ def test_generate_writes_side_by_side_jsonl_and_html(assets, tmp_path: Path, cap
 def test_generate_adapter_reference_is_the_base_model(assets, tmp_path: Path) -> None:
     common = ["--prompts", str(assets["prompts"]), *SAMPLING]
     adapter_out, base_out = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    pages = tmp_path / "a.html", tmp_path / "b.html"
     assert main(["generate", "--model", str(assets["adapter"]), "--output", str(adapter_out),
-                 *common]) == 0  # fmt: skip
+                 "--html", str(pages[0]), *common]) == 0  # fmt: skip
     assert main(["generate", "--model", str(assets["base"]), "--output", str(base_out),
-                 "--batch-size", "3", *common]) == 0  # fmt: skip
+                 "--html", str(pages[1]), "--batch-size", "3", *common]) == 0  # fmt: skip
+    assert "reference: the adapter&#x27;s base" in pages[0].read_text()
+    assert "reference: none" in pages[1].read_text()
     adapter_rows, base_rows = _jsonl(adapter_out), _jsonl(base_out)
     assert [r["reference"] for r in adapter_rows] == [r["policy"] for r in base_rows]
     assert [r["policy"] for r in adapter_rows] != [r["policy"] for r in base_rows]

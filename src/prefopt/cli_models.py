@@ -82,15 +82,9 @@ class LoadedModels:
             raise ConfigError("no reference model")
 
 
-def is_adapter(location: str) -> bool:
-    """A LoRA policy: an adapter folder, or a checkpoint of a LoRA training run."""
-    from prefopt.checkpoint import checkpoint_run_config
-
-    return _is_adapter(location, checkpoint_run_config(location))
-
-
-def _is_adapter(location: str, run: ExperimentConfig | None) -> bool:
-    """`is_adapter` given the checkpoint's run config, already read (None: no checkpoint)."""
+def is_adapter(location: str, run: ExperimentConfig | None) -> bool:
+    """A LoRA policy: an adapter folder, or a checkpoint of a LoRA training run (`run`: the
+    checkpoint's run config, already read; None: not a checkpoint)."""
     if (Path(location) / "adapter_config.json").is_file():
         return True
     return run is not None and run.lora.enabled
@@ -151,7 +145,7 @@ def load_models(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     run = _checkpoint_run(model, dtype)
-    if ref is None and need_reference and not _is_adapter(model, run):
+    if ref is None and need_reference and not is_adapter(model, run):
         raise ConfigError(
             f"{model} is a full model, so its reference is not implied: pass --ref (usually the "
             "model training started from), or give a LoRA adapter folder as --model"
@@ -220,8 +214,9 @@ def read_prompts(args: argparse.Namespace) -> list[Text]:
     return prompts[: args.max_prompts] if args.max_prompts else prompts
 
 
-def run_meta(args: argparse.Namespace, params: SamplingParams, n: int) -> str:
-    ref = args.ref or ("the adapter's base" if is_adapter(args.model) else "none")
+def run_meta(args: argparse.Namespace, models: LoadedModels, params: SamplingParams, n: int) -> str:
+    """The header of a samples page: policy, reference, prompts and sampling settings."""
+    ref = args.ref or ("the adapter's base" if models.adapter_reference else "none")
     sampling = ", ".join(f"{k}={v}" for k, v in asdict(params).items())
     return f"policy: {args.model}\nreference: {ref}\nprompts: {args.prompts} ({n})\n{sampling}"
 

@@ -49,10 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise ConfigError("--model is required")
-    _, params, prompts, samples = side_by_side(args, need_reference=False)
+    models, params, prompts, samples = side_by_side(args, need_reference=False)
     write_samples_jsonl(samples, args.output)
     if args.html:
-        meta = run_meta(args, params, len(prompts))
+        meta = run_meta(args, models, params, len(prompts))
         write_html(samples, args.html, title="prefopt generate", meta=meta)
     cut = sum(not c.finished for s in samples for c in s.policy)
     print(f"{len(samples)} prompts × {params.num_samples} samples -> {args.output}")

@@ -104,7 +104,7 @@ def judge_vs_reference(
     if args.samples:
         write_samples_jsonl(samples, args.samples)
     if args.html:
-        meta = run_meta(args, params, len(prompts)) + "\n\n" + "\n".join(lines)
+        meta = run_meta(args, models, params, len(prompts)) + "\n\n" + "\n".join(lines)
         write_html(samples, args.html, title="prefopt judge", meta=meta)
     return report, lines
 
