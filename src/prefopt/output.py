@@ -25,6 +25,7 @@ from prefopt.bundled import INSTALL_HINT, bundled_model_dir, is_bundled
 from prefopt.config import ExperimentConfig
 from prefopt.config_io import save_config
 from prefopt.errors import PrefoptError
+from prefopt.report_data import DATA_SUMMARY_FILE
 
 if TYPE_CHECKING:
     from prefopt.run_setup import RunParts
@@ -54,7 +55,7 @@ def prepare_output_dir(cfg: ExperimentConfig) -> Path:
 # there), so no file of the old run (a stale judge.json, old checkpoints) mixes into the new one.
 _RUN_FILES = (
     "metrics.jsonl", "final_metrics.json", "health.json", "judge.json", "samples.jsonl",
-    "data_summary.json",
+    DATA_SUMMARY_FILE,
 )  # fmt: skip
 _RUN_DIRS = ("checkpoints", "model", "report", "tensorboard")
 

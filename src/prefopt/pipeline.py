@@ -19,6 +19,7 @@ from prefopt.data import ColumnMap, load_preference_data, split_eval
 from prefopt.data.records import PreferencePair, UnpairedExample
 from prefopt.errors import ConfigError, PrefoptError, TokenizationError
 from prefopt.loss_registry import LOSSES
+from prefopt.report_data import DATA_SUMMARY_FILE
 from prefopt.sft import load_sft_rows, tokenize_sft_rows
 from prefopt.tokenize import (
     TokenizedExample,
@@ -234,7 +235,7 @@ def write_data_summary(data: PreparedData, out_dir: Path) -> Path:
     held out, and the training rows counted as read include them. The file is replaced
     atomically; a failed write is a `PrefoptError`.
     """
-    path = out_dir / "data_summary.json"
+    path = out_dir / DATA_SUMMARY_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data.summary, indent=2, ensure_ascii=False) + "\n")

@@ -8,7 +8,6 @@ All text from the run (config values, samples) is HTML-escaped.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import Any, cast, get_args
 
 from prefopt.errors import PrefoptError
 from prefopt.health import SEVERITY_ORDER, Finding, Kind, Severity, as_float, check_history
-from prefopt.report_data import DATA_SUMMARY_FILE, data_section
+from prefopt.report_data import DATA_SUMMARY_FILE, data_section, esc
 from prefopt.report_judge import judge_section, sample_row
 from prefopt.report_plots import write_plots
 from prefopt.tracking import read_metrics
@@ -175,16 +174,12 @@ def _get(tree: dict[str, Any], *keys: str) -> Any:
     return node
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _fmt(value: Any) -> str:
     number = as_float(value)
     if number is None:
-        return _e(value)
+        return esc(value)
     if not math.isfinite(number):
-        return f'<span class="bad">{_e(number)}</span>'
+        return f'<span class="bad">{esc(number)}</span>'
     if number != 0 and (abs(number) >= 1e5 or abs(number) < 1e-3):
         return f"{number:.3e}"
     return f"{number:.4f}".rstrip("0").rstrip(".") if number != int(number) else str(int(number))
@@ -219,7 +214,7 @@ def render_html(
     title = f"prefopt report: {output_dir.name}"
     return (
         f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(part for part in body if part)
         + "\n</body>\n</html>\n"
     )
@@ -239,7 +234,7 @@ def _header(output_dir: Path, records: Sequence[dict[str, Any]], config: dict[st
         ("evaluations", sum(1 for r in records if r.get("split") == "eval")),
     ]
     items = "".join(
-        f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts if v is not None and v != ""
+        f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts if v is not None and v != ""
     )
     return f'<h1>prefopt run report</h1>\n<dl class="facts">{items}</dl>'
 
@@ -251,8 +246,8 @@ def _health(findings: Sequence[Finding]) -> str:
     if all(f.severity == "info" for f in findings):
         ok = f'\n<div class="finding ok"><b>No problems found.</b> Checked: {_HEALTH_KINDS}.</div>'
     rows = "".join(
-        f'\n<div class="finding {_e(f.severity)}"><b>{_e(f.severity)}</b> · '
-        f"<code>{_e(f.kind)}</code> · step {f.step}<br>{_e(f.message)}</div>"
+        f'\n<div class="finding {esc(f.severity)}"><b>{esc(f.severity)}</b> · '
+        f"<code>{esc(f.kind)}</code> · step {f.step}<br>{esc(f.message)}</div>"
         for f in findings
     )
     return f"<h2>Health</h2>{ok}{rows}"
@@ -264,18 +259,18 @@ def _metrics(records: Sequence[dict[str, Any]], final: dict[str, Any]) -> str:
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
         rows = "".join(
-            f"<tr><td>{_e(k)}</td><td>{_fmt(first[k])}</td><td>{_fmt(last[k])}</td>"
+            f"<tr><td>{esc(k)}</td><td>{_fmt(first[k])}</td><td>{_fmt(last[k])}</td>"
             f"<td>{_change(first[k], last[k])}</td></tr>"
             for k in _KEY_METRICS
             if k in first and k in last
         )
         parts.append(
             f"<h3>Eval: first vs last</h3>\n<table><tr><th>metric</th>"
-            f"<th>step {_e(first.get('step'))}</th><th>step {_e(last.get('step'))}</th>"
+            f"<th>step {esc(first.get('step'))}</th><th>step {esc(last.get('step'))}</th>"
             f"<th>change</th></tr>{rows}</table>"
         )
     if final:
-        rows = "".join(f"<tr><td>{_e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in final.items())
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in final.items())
         parts.append(f"<h3>Final metrics</h3>\n<table><tr><th>metric</th><th>value</th></tr>"
                      f"{rows}</table>")  # fmt: skip
     elif not records:
@@ -296,8 +291,8 @@ def _plots(plots: Sequence[tuple[str, str]]) -> str:
     if not plots:
         return "<h2>Plots</h2>\n<p>No metric values to plot yet.</p>"
     figures = "\n".join(
-        f'<figure><a href="{_e(name)}"><img src="{_e(name)}" alt="{_e(title)}"></a>'
-        f"<figcaption>{_e(title)}</figcaption></figure>"
+        f'<figure><a href="{esc(name)}"><img src="{esc(name)}" alt="{esc(title)}"></a>'
+        f"<figcaption>{esc(title)}</figcaption></figure>"
         for name, title in plots
     )
     return f'<h2>Plots</h2>\n<div class="plots">\n{figures}\n</div>'
@@ -312,9 +307,9 @@ def _samples(samples: Sequence[dict[str, Any]]) -> str:
     if "prompt" in columns:  # the prompt reads first, the answers side by side after it
         columns.remove("prompt")
         columns.insert(0, "prompt")
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td><pre>{_e(_text(s, c))}</pre></td>" for c in columns) + "</tr>"
+        "<tr>" + "".join(f"<td><pre>{esc(_text(s, c))}</pre></td>" for c in columns) + "</tr>"
         for s in samples
     )
     return f'<h2>Samples</h2>\n<table class="samples"><tr>{head}</tr>{rows}</table>'
@@ -332,7 +327,7 @@ def _config(config_text: str) -> str:
         return "<h2>Config</h2>\n<p>No config.yaml in the run folder.</p>"
     return (
         "<h2>Config</h2>\n<details open><summary>config.yaml (resolved, every default filled in)"
-        f'</summary><pre class="config">{_e(config_text)}</pre></details>'
+        f'</summary><pre class="config">{esc(config_text)}</pre></details>'
     )
 
 

@@ -11,20 +11,21 @@ from typing import Any
 DATA_SUMMARY_FILE = "data_summary.json"
 
 
-def _e(value: Any) -> str:
+def esc(value: Any) -> str:
+    """`value` as HTML text (quotes escaped too): the report's one escaping rule."""
     return html.escape(str(value), quote=True)
 
 
 def _split_row(name: str, part: dict[str, Any]) -> str:
     dropped = part.get("dropped") or {}
     dropped_text = (
-        ", ".join(f"{_e(reason)}: {count}" for reason, count in sorted(dropped.items()))
+        ", ".join(f"{esc(reason)}: {count}" for reason, count in sorted(dropped.items()))
         if dropped
         else "none"
     )
     cells = (name, part.get("format", ""), part.get("rows_read", ""), part.get("pairs_kept", ""),
              sum(dropped.values()), part.get("truncated", 0))  # fmt: skip
-    row = "".join(f"<td>{_e(c)}</td>" for c in cells)
+    row = "".join(f"<td>{esc(c)}</td>" for c in cells)
     return f"<tr>{row}<td>{dropped_text}</td></tr>"
 
 
@@ -44,10 +45,10 @@ def data_section(summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> 
         parts.append(f"<table>{head}{rows}</table>")
         notes = [note for _, p in splits for note in p.get("notes", [])]
         if notes:
-            items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+            items = "".join(f"<li>{esc(n)}</li>" for n in notes)
             parts.append(f"<ul>{items}</ul>")
     if skipped:
-        steps = ", ".join(_e(s) for s in skipped)
+        steps = ", ".join(esc(s) for s in skipped)
         parts.append(
             f'<div class="finding error"><b>{len(skipped)} non-finite training step(s)</b>: '
             f"{steps} (skipped with train.on_nan=skip, or the step the run stopped at)</div>"

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from html import escape
 from typing import Any
 
+from prefopt.report_data import esc
+
 __all__ = ["judge_section", "sample_row"]
-
-
-def _e(value: Any) -> str:
-    return escape(str(value))
 
 
 def sample_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +36,7 @@ def judge_section(judge: dict[str, Any]) -> str:
         rate = "n/a" if r.get("rate") is None else f"{r['rate']:.1%}"
         ci = "" if r.get("ci_low") is None else f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
         rows.append(
-            f"<tr><td>{_e(name)}</td><td>{r['policy_mean']:.3f}</td>"
+            f"<tr><td>{esc(name)}</td><td>{r['policy_mean']:.3f}</td>"
             f"<td>{r['reference_mean']:.3f}</td>"
             f"<td>{r['wins']} / {r['ties']} / {r['losses']}</td><td>{rate}</td>"
             f"<td>{ci}</td></tr>"
@@ -54,7 +51,7 @@ def judge_section(judge: dict[str, Any]) -> str:
     )
     where = f"{judge.get('num_prompts', '?')} held-out prompts from {judge.get('prompts', '?')}"
     return (
-        f"<h2>Policy vs reference, judged</h2>\n<p>{_e(where)}; one comparison per prompt, "
+        f"<h2>Policy vs reference, judged</h2>\n<p>{esc(where)}; one comparison per prompt, "
         f'same sampling seeds for both sides.</p>\n<table class="metrics">{head}'
         f"{''.join(rows)}</table>\n{kl_line}"
     )
