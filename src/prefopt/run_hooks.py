@@ -137,9 +137,10 @@ def judge_saved_model(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any] | 
 def write_health_and_report(out_dir: Path, monitor: HealthMonitor, *, report: bool = True) -> None:
     """health.json and (if `report`) the HTML report; a plotting failure must not fail a
     finished run."""
-    findings = [dataclasses.asdict(f) for f in monitor.summary()]
+    summary = monitor.summary()
+    findings = [dataclasses.asdict(f) for f in summary]
     (out_dir / HEALTH_FILE).write_text(json.dumps(findings, indent=2))
-    for finding in monitor.summary():  # an "info" note (e.g. a check that could not run) is
+    for finding in summary:  # an "info" note (e.g. a check that could not run) is
         level = logging.INFO if finding.severity == "info" else logging.WARNING  # no warning
         logger.log(level, "health summary: %s", finding)
     if not report:

@@ -91,7 +91,7 @@ class RawRows:
             elif on_error == "raise":
                 raise row
             else:
-                self.skip(_reason(row), index)
+                self.skip(row.kind, index)  # a reason shared by rows with the same problem
 
 
 def read_raw_rows(
@@ -218,11 +218,6 @@ def _json_document(path: Path) -> Iterator[tuple[int, Row | RowError]]:
             yield index, check_row(item, str(path), index)
         except RowError as error:
             yield index, error
-
-
-def _reason(error: RowError) -> str:
-    """A reason shared by rows with the same problem (line numbers and details left out)."""
-    return error.kind
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
