@@ -116,6 +116,9 @@ def test_the_sft_command_refuses_settings_it_would_replace(
     fixed = {"data.sft": True, "loss.name": "sft"}
     cfg = load_config(None, ["loss.name=[sft]", "data.sft=true"], fixed=fixed)
     assert cfg.loss.names == ["sft"] and cfg.data.sft
+    # A config whose section is a plain value cannot take the imposed setting.
+    with pytest.raises(ConfigError, match=r"'loss' must be a section \(a mapping\), got 'sft'"):
+        load_config(None, ["loss=sft"], fixed=fixed)
 
 
 def test_sft_refuses_other_losses(assets: dict[str, Path], tmp_path: Path):

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -61,13 +62,9 @@ def _impose(raw: dict[str, Any], key: str, value: Any, command: str) -> None:
     """Set `key` to `value`, refusing a user value that differs (a one-item list counts as
     its item: `loss.name: [sft]` is `sft`)."""
     *sections, leaf = key.split(".")
-    node = raw
-    for part in sections:
-        if node.get(part) is None:
-            node[part] = {}
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"'{part}' must be a section (a mapping), got {node[part]!r}")
-        node = node[part]
+    node = _section(
+        raw, sections, lambda part, got: f"'{part}' must be a section (a mapping), got {got!r}"
+    )
     given = node.get(leaf)
     if isinstance(given, list) and len(given) == 1:
         given = given[0]
@@ -102,16 +99,25 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    parts = key.split(".")
+    *sections, leaf = key.split(".")
+    node = _section(raw, sections, lambda part, _: f"override '{item}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def _section(
+    raw: dict[str, Any], parts: list[str], not_a_section: Callable[[str, Any], str]
+) -> dict[str, Any]:
+    """The mapping at `parts` inside `raw`, creating absent sections (or YAML sections whose
+    keys are all commented out, which load as None); a non-mapping on the way is a
+    ConfigError with `not_a_section(part, value)`."""
     node = raw
-    for part in parts[:-1]:
-        if node.get(part) is None:  # absent, or a YAML section whose keys are all commented out
+    for part in parts:
+        if node.get(part) is None:
             node[part] = {}
-        child = node[part]
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+        if not isinstance(node[part], dict):
+            raise ConfigError(not_a_section(part, node[part]))
+        node = node[part]
+    return node
 
 
 def from_dict(cls: type[T], data: Any, *, where: str) -> T:
