@@ -195,13 +195,8 @@ def _judge_prompt(
     texts = [x.text for x in samples]
     kept = list(dict.fromkeys(t for t in texts if t))  # non-empty, distinct, in sample order
     by_text = dict(zip(kept, scores, strict=True))
-    record: Row = {
-        "prompt_index": index,
-        "prompt": prompt_json(prompt),
-        "replies": texts,
-        "cut_off": [x.cut_off for x in samples],
-        "scores": [by_text.get(t) for t in texts],  # None for an empty reply
-    }
+    record = _record_head(index, prompt, samples)
+    record["scores"] = [by_text.get(t) for t in texts]  # None for an empty reply
     if len(kept) < 2:
         record["outcome"] = "too_few_replies"
         return record, None
@@ -224,14 +219,18 @@ def _judge_prompt(
 
 
 def _bad_score_record(index: int, prompt: Text, samples: list[Sample], message: str) -> Row:
+    record = _record_head(index, prompt, samples)
+    record.update(scores=[None] * len(samples), outcome="bad_score", error=message)
+    return record
+
+
+def _record_head(index: int, prompt: Text, samples: list[Sample]) -> Row:
+    """The fields every samples record starts with: which prompt, and what was sampled."""
     return {
         "prompt_index": index,
         "prompt": prompt_json(prompt),
         "replies": [x.text for x in samples],
         "cut_off": [x.cut_off for x in samples],
-        "scores": [None] * len(samples),
-        "outcome": "bad_score",
-        "error": message,
     }
 
 
